@@ -1,0 +1,643 @@
+"""Chat with Phi-3.5-mini fine-tuned on OpenAssistant (oasst1), served from GGUF files on a CPU Space.
+
+    pip install -r requirements.txt && python app.py             # the Hub models in CATALOG
+    MODEL_PATH=/path/to/model.Q4_K_M.gguf python app.py           # a local file, no download
+
+Every setting is an environment variable; README.md lists them all. The file reads top to bottom:
+settings -> model files -> model store -> prompt building -> respond -> UI.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A setting or model file the user must fix; the message is one sentence saying what to do."""
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number.") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}.")
+    return value
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _cpu_count() -> int:
+    # sched_getaffinity honours cgroup/taskset limits; os.cpu_count() reports the host's cores.
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    n_ctx: int  # context window in tokens: prompt + answer must fit
+    n_threads: int  # decode threads
+    n_threads_batch: int  # prompt-processing threads
+    n_batch: int
+    queue_size: int  # requests waiting beyond this are told to retry
+    seed: int  # -1: a fresh seed per answer
+    verify_sha256: bool  # hash downloaded files against the Hub's LFS sha256 before loading
+    hf_token: str | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        cpus = _cpu_count()
+        return cls(
+            n_ctx=_env_int("N_CTX", 4096, minimum=256),
+            # Measured (README, Performance): decode is memory-bound, so threads past the core count only spin.
+            n_threads=_env_int("N_THREADS", cpus),
+            n_threads_batch=_env_int("N_THREADS_BATCH", cpus),
+            n_batch=_env_int("N_BATCH", 512),
+            queue_size=_env_int("QUEUE_SIZE", 16),
+            seed=_env_int("SEED", -1, minimum=-1),
+            verify_sha256=os.environ.get("VERIFY_SHA256", "1") not in ("0", "false", "no"),
+            hf_token=os.environ.get("HF_TOKEN") or None,  # only when set: anonymous downloads otherwise
+        )
+
+
+SYSTEM_MESSAGE = "You are a helpful assistant."
+# (minimum, maximum, default) of each sampling control; the server enforces them for API callers too.
+LIMITS = {
+    "max_tokens": (1, 4096, 2048),
+    "temperature": (0.1, 4.0, 0.7),
+    "top_p": (0.1, 1.0, 0.95),
+    "top_k": (0, 100, 40),
+    "repeat_penalty": (0.0, 2.0, 1.1),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str  # what the dropdown shows
+    filename: str  # file in `repo`, or a local path when `repo` is None
+    repo: str | None = None
+    revision: str | None = None  # branch, tag or commit; None = the repo's default branch
+    prompt_format: str = "auto"  # a PROMPT_FORMATS key, or "auto": read the GGUF's tokenizer.chat_template
+
+
+# The seed project's own QLoRA fine-tunes of Phi-3-mini. They were trained on openassistant-guanaco text,
+# "### Human: ...### Assistant: ...", not on Phi-3's chat template, so they are prompted in that format.
+CATALOG = [
+    ModelSpec("S29 Phi-3 merged 0.2 (Q4_K_M)", "Q4_K_M.gguf", "Shivdutta/S29-phi3-merged-0.2_GGUF", None, "human"),
+    ModelSpec("S29 Phi-3 merged 0.3 (Q5_K_M)", "Q5_K_M.gguf", "Shivdutta/S29-phi3-merged-0.3_GGUF", None, "human"),
+]
+
+
+def catalog_from_env() -> list[ModelSpec]:
+    """MODEL_PATH (local files) or MODEL_REPO + MODEL_FILES replace the built-in catalog."""
+    prompt_format = os.environ.get("PROMPT_FORMAT", "auto").strip() or "auto"
+    if prompt_format != "auto" and prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"PROMPT_FORMAT={prompt_format!r} is unknown; use auto or one of {', '.join(PROMPT_FORMATS)}.")
+    if paths := _env_list("MODEL_PATH"):
+        return [ModelSpec(Path(p).name, p, prompt_format=prompt_format) for p in paths]
+    if repo := os.environ.get("MODEL_REPO", "").strip():
+        files = _env_list("MODEL_FILES")
+        if not files:
+            raise ConfigError("MODEL_REPO is set but MODEL_FILES is empty: name the .gguf files to serve, comma-separated.")
+        revision = os.environ.get("MODEL_REVISION", "").strip() or None
+        return [ModelSpec(f"{repo.split('/')[-1]}/{f}", f, repo, revision, prompt_format) for f in files]
+    return CATALOG
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def fetch_model_files(catalog: list[ModelSpec], token: str | None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Local path or `hf_hub_download` (standard HF cache, so a Space's `preload_from_hub` is reused).
+
+    With the Hub unreachable, huggingface_hub answers from its cache. Returns (paths, problems) by label.
+    """
+    from huggingface_hub import hf_hub_download
+
+    paths, problems = {}, {}
+    for spec in catalog:
+        if spec.repo is None:
+            path = Path(spec.filename).expanduser()
+            if path.is_file():
+                paths[spec.label] = path
+            else:
+                problems[spec.label] = f"{path} does not exist"
+            continue
+        try:
+            paths[spec.label] = Path(
+                hf_hub_download(spec.repo, spec.filename, revision=spec.revision, token=token)
+            )
+        except Exception as err:  # offline and not cached, gated repo, missing file, ...
+            problems[spec.label] = f"{spec.repo}/{spec.filename}: {type(err).__name__}: {str(err).splitlines()[0]}"
+    return paths, problems
+
+
+GGUF_MAGIC = b"GGUF"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_model_file(path: Path, verify_sha256: bool) -> None:
+    """Refuse files llama.cpp would choke on, with a message naming the file, before handing them over."""
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ConfigError(f"{path.name} is not a GGUF file (no GGUF header).")
+    # In the HF cache, an LFS file is a link to blobs/<sha256 of its content>: a free, offline checksum.
+    blob = path.resolve()
+    if verify_sha256 and path.is_symlink() and _SHA256.fullmatch(blob.name):
+        digest = hashlib.sha256()
+        with open(blob, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != blob.name:
+            raise ConfigError(
+                f"{path.name} is corrupt: its sha256 does not match the Hub's; delete {blob} to download it again."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt building
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# Each format reproduces, character for character, the chat template its models were trained with
+# (tests/test_prompt.py renders the same chat through transformers' apply_chat_template and compares
+# token ids). llama-cpp-agent's own PHI_3 formatter folds the system prompt into the first user turn,
+# which is not Phi-3.5's template, hence these custom MessagesFormatters.
+
+# Message contents travel between these private-use characters from the formatter to the tokenizer,
+# which tokenizes them as plain text: text a user typed can never become a control token.
+OPEN, CLOSE = "\ue000", "\ue001"
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    markers: dict[str, tuple[str, str]]  # role -> (start, end)
+    detect: tuple[str, ...]  # substrings of a GGUF chat template that identify this format
+    stop: tuple[str, ...] = ()
+    skip_empty_system: bool = True  # the template drops a system message whose content is empty
+    answer_prefix: str = ""  # put before each past answer's text, after the assistant marker
+
+
+PROMPT_FORMATS = {
+    # microsoft/Phi-3.5-mini-instruct's template (TRL ships the same copy as phi3_5.jinja).
+    "phi3": PromptFormat(
+        {
+            "system": ("<|system|>\n", "<|end|>\n"),
+            "user": ("<|user|>\n", "<|end|>\n"),
+            "assistant": ("<|assistant|>\n", "<|end|>\n"),
+        },
+        detect=("<|user|>", "<|end|>"),
+        stop=("<|end|>", "<|endoftext|>"),
+    ),
+    # ChatML, e.g. SmolLM2-Instruct and Qwen.
+    "chatml": PromptFormat(
+        {
+            "system": ("<|im_start|>system\n", "<|im_end|>\n"),
+            "user": ("<|im_start|>user\n", "<|im_end|>\n"),
+            "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n"),
+        },
+        detect=("<|im_start|>",),
+        stop=("<|im_end|>",),
+        skip_empty_system=False,
+    ),
+    # openassistant-guanaco text, which the seed project's S29 models were trained on.
+    "human": PromptFormat(
+        {"system": ("", "\n\n"), "user": ("### Human: ", ""), "assistant": ("### Assistant:", "")},
+        detect=("### Human:",),
+        stop=("### Human:", "### Assistant:"),
+        answer_prefix=" ",
+    ),
+}
+
+
+def detect_prompt_format(chat_template: str | None, source: str) -> str:
+    for name, fmt in PROMPT_FORMATS.items():
+        if chat_template and all(s in chat_template for s in fmt.detect):
+            return name
+    what = "has no tokenizer.chat_template" if not chat_template else "has a chat template this app does not know"
+    raise ConfigError(f"{source} {what}; set PROMPT_FORMAT to one of {', '.join(PROMPT_FORMATS)}.")
+
+
+def make_messages_formatter(fmt: PromptFormat):
+    from llama_cpp_agent.messages_formatter import MessagesFormatter, PromptMarkers, Roles
+
+    class TemplateFormatter(MessagesFormatter):
+        def _format_message_content(self, content: str, role: Roles) -> str:
+            # Never stripped: the template keeps content as it is, and so does the training data.
+            return OPEN + content.replace(OPEN, "").replace(CLOSE, "") + CLOSE
+
+        def _format_system_message(self, content: str) -> str:
+            if fmt.skip_empty_system and content == OPEN + CLOSE:
+                return ""
+            return super()._format_system_message(content)
+
+        def _format_assistant_message(self, content: str) -> str:
+            return super()._format_assistant_message(fmt.answer_prefix + content)
+
+    markers = {Roles(role): PromptMarkers(*pair) for role, pair in fmt.markers.items()}
+    markers[Roles.tool] = PromptMarkers("", "")
+    return TemplateFormatter(
+        pre_prompt="",
+        prompt_markers=markers,
+        include_sys_prompt_in_first_user_message=False,
+        default_stop_sequences=list(fmt.stop),
+        strip_prompt=False,  # True would also strip the "\n" after the answer's role marker
+        bos_token="",
+        eos_token="",
+    )
+
+
+class PromptTokenizer:
+    """Tokenizes a formatted prompt the way llama.cpp does with special tokens on, except inside OPEN...CLOSE.
+
+    llama.cpp splits text at special-token strings, drops whitespace beside tokens marked lstrip/rstrip,
+    and tokenizes the pieces between them separately; this does the same, but only template text may
+    produce special tokens. No BOS is added: the chat templates in PROMPT_FORMATS start without one,
+    exactly as the model saw its training data.
+    """
+
+    def __init__(self, llm):
+        import llama_cpp
+
+        self.llm = llm
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        special_attrs = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        self.special: dict[str, int] = {}  # text -> token id
+        self.attrs: dict[int, int] = {}  # token id -> llama_token_attr bits
+        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+            if attr & special_attrs:
+                text = llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+                if text:
+                    self.special.setdefault(text, token)
+                    self.attrs[token] = attr
+        # Longest first, as llama.cpp tries them, so "<|end|>" never shadows "<|endoftext|>".
+        alternatives = sorted(self.special, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        self.lstrip, self.rstrip = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP, llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+
+    def __call__(self, prompt: str) -> list[int]:
+        # 1. Fragments: special tokens found in template text, and the raw text between them.
+        fragments: list[int | str] = [""]
+        for i, piece in enumerate(re.split(f"[{OPEN}{CLOSE}]", prompt)):
+            trusted = i % 2 == 0  # split alternates template text / message content
+            pos = 0
+            for match in self.pattern.finditer(piece) if trusted and self.pattern else ():
+                fragments[-1] += piece[pos : match.start()]
+                fragments += [self.special[match.group()], ""]
+                pos = match.end()
+            fragments[-1] += piece[pos:]
+        # 2. Whitespace stripping around tokens that ask for it (Phi-3's are rstrip).
+        for i, fragment in enumerate(fragments):
+            if isinstance(fragment, int):
+                attr = self.attrs[fragment]
+                if attr & self.lstrip and i > 0:
+                    fragments[i - 1] = fragments[i - 1].rstrip()
+                if attr & self.rstrip and i + 1 < len(fragments):
+                    fragments[i + 1] = fragments[i + 1].lstrip()
+        # 3. Token ids.
+        tokens: list[int] = []
+        for fragment in fragments:
+            if isinstance(fragment, int):
+                tokens.append(fragment)
+            elif fragment:
+                tokens += self.llm.tokenize(fragment.encode("utf-8"), add_bos=False, special=False)
+        return tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model store
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    label: str
+    llm: object  # llama_cpp.Llama
+    prompt_format: PromptFormat
+    formatter: object  # llama_cpp_agent MessagesFormatter
+    tokenize: PromptTokenizer
+    provider: object  # llama_cpp_agent provider that sends token ids, not text
+    load_seconds: float
+
+
+class ModelStore:
+    """One llama.cpp model in memory at a time, loaded on first use and swapped when the dropdown changes."""
+
+    def __init__(self, catalog: list[ModelSpec], paths: dict[str, Path], settings: Settings):
+        self.specs = {spec.label: spec for spec in catalog if spec.label in paths}
+        self.paths = paths
+        self.settings = settings
+        self.broken: dict[str, str] = {}  # label -> why it cannot load; the other models keep serving
+        self.current: LoadedModel | None = None
+        self.lock = threading.Lock()  # one generation and one load at a time
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.specs)
+
+    def get(self, label: str) -> LoadedModel:
+        """The loaded model for `label`; raises ConfigError (a message for the chat) when it cannot load."""
+        if label not in self.specs:
+            raise ConfigError(f"Unknown model {label!r}; choose one of: {', '.join(self.specs)}.")
+        if label in self.broken:
+            raise ConfigError(self.broken[label])
+        if self.current is not None and self.current.label == label:
+            return self.current
+        self.unload()
+        try:
+            self.current = self._load(self.specs[label], self.paths[label])
+        except ConfigError as err:
+            self.broken[label] = str(err)
+            raise
+        return self.current
+
+    def unload(self) -> None:
+        if self.current is not None:
+            self.current.llm.close()  # frees the weights and the KV cache now, not at the next GC
+            self.current = None
+            gc.collect()
+
+    def _load(self, spec: ModelSpec, path: Path) -> LoadedModel:
+        from llama_cpp import Llama
+
+        check_model_file(path, self.settings.verify_sha256)
+        start = time.perf_counter()
+        try:
+            llm = Llama(
+                model_path=str(path),
+                n_ctx=self.settings.n_ctx,
+                n_threads=self.settings.n_threads,
+                n_threads_batch=self.settings.n_threads_batch,
+                n_batch=self.settings.n_batch,
+                seed=self.settings.seed if self.settings.seed >= 0 else 0xFFFFFFFF,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as err:
+            raise ConfigError(f"{path.name} could not be loaded by llama.cpp (truncated or damaged?): {err}") from None
+        seconds = time.perf_counter() - start
+        name = spec.prompt_format
+        if name == "auto":
+            try:
+                name = detect_prompt_format(llm.metadata.get("tokenizer.chat_template"), path.name)
+            except ConfigError:
+                llm.close()
+                raise
+        fmt = PROMPT_FORMATS[name]
+        tokenize = PromptTokenizer(llm)
+        print(f"loaded {path.name} in {seconds:.1f} s (prompt format: {name})", flush=True)
+        return LoadedModel(spec.label, llm, fmt, make_messages_formatter(fmt), tokenize, make_provider(llm, tokenize), seconds)
+
+
+def make_provider(llm, tokenize: PromptTokenizer):
+    from llama_cpp_agent.providers import LlamaCppPythonProvider
+
+    class TokenIdProvider(LlamaCppPythonProvider):
+        """Hands llama.cpp token ids built by PromptTokenizer instead of a string it would re-tokenize."""
+
+        def create_completion(self, prompt, structured_output_settings, settings, bos_token):
+            return super().create_completion(tokenize(prompt), structured_output_settings, settings, bos_token)
+
+    return TokenIdProvider(llm)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Respond
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The line of numbers after each answer; removed again when the answer comes back as history.
+STATS = re.compile(r"\n\n<sub>⏱ [^\n]*</sub>$")
+
+
+class BadRequest(Exception):
+    """Input that gets a plain answer in the chat instead of a generation."""
+
+
+def clamp_number(name: str, value) -> float:
+    low, high, _ = LIMITS[name]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name.replace('_', ' ')} must be a number, not {str(value)[:40]!r}.") from None
+    if math.isnan(number):
+        raise BadRequest(f"{name.replace('_', ' ')} must be a number, not NaN.")
+    return min(max(number, low), high)
+
+
+def text_of(content) -> str:
+    """Gradio 6 content: a string (API calls) or a list of {"type": "text", "text": ...} parts (after a UI turn)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, (list, tuple)):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return ""
+
+
+def history_messages(history) -> list[dict]:
+    """Gradio history -> alternating user/assistant messages; anything else (files, odd roles) is skipped."""
+    messages = []
+    for item in history or []:
+        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
+            continue
+        text = text_of(item.get("content"))
+        if item["role"] == "assistant":
+            text = STATS.sub("", text)
+        if messages and messages[-1]["role"] == item["role"]:
+            messages[-1]["content"] += "\n\n" + text  # e.g. an answer streamed as several bubbles
+        else:
+            messages.append({"role": item["role"], "content": text})
+    if messages and messages[0]["role"] == "assistant":
+        messages.pop(0)
+    return messages
+
+
+def fit_history(model: LoadedModel, system: str, past: list[dict], message: str, max_tokens: int, n_ctx: int):
+    """Drop the oldest turns until prompt + answer budget fit the context window; the system message stays.
+
+    Returns (past kept, prompt token count, answer budget). Raises BadRequest if the new message alone
+    cannot fit.
+    """
+    from llama_cpp_agent.chat_history.messages import Roles
+
+    # An answer may not claim more than half the window, or one long answer would evict the whole chat.
+    reserve = min(max_tokens, n_ctx // 2)
+    while True:
+        conversation = [{"role": "system", "content": system}, *past, {"role": "user", "content": message}]
+        prompt, _ = model.formatter.format_conversation(conversation, Roles.assistant)
+        n_prompt = len(model.tokenize(prompt))
+        if n_prompt + reserve <= n_ctx:
+            return past, n_prompt, min(max_tokens, n_ctx - n_prompt)
+        if not past:
+            raise BadRequest(
+                f"Your message is too long for this model: {n_prompt} tokens with the system message, and the "
+                f"context holds {n_ctx} including {reserve} for the answer. Shorten it or lower max tokens."
+            )
+        past = past[2:]  # one user turn and its answer
+
+
+def respond(message, history, model_label, system_message, max_tokens, temperature, top_p, top_k, repeat_penalty):
+    """Stream an answer. Bad input gets a one-line reply, never an exception."""
+    try:
+        message = text_of(message.get("text", "") if isinstance(message, dict) else message)
+        if not message.strip():
+            raise BadRequest("Please type a message.")
+        max_tokens = int(clamp_number("max_tokens", max_tokens))
+        sampling = {
+            "temperature": clamp_number("temperature", temperature),
+            "top_p": clamp_number("top_p", top_p),
+            "top_k": int(clamp_number("top_k", top_k)),
+            "repeat_penalty": clamp_number("repeat_penalty", repeat_penalty),
+        }
+        system = text_of(system_message) if system_message is not None else SYSTEM_MESSAGE
+        past = history_messages(history)
+        with STORE.lock:  # one generation at a time: the model and its KV cache are shared
+            model = STORE.get(str(model_label))
+            yield from generate(model, system, past, message, max_tokens, sampling, STORE.settings)
+    except (BadRequest, ConfigError) as err:
+        yield str(err)
+
+
+def generate(model: LoadedModel, system: str, past: list[dict], message: str, max_tokens: int, sampling: dict,
+             settings: Settings):
+    import llama_cpp
+    from llama_cpp_agent import LlamaCppAgent
+    from llama_cpp_agent.chat_history import BasicChatHistory
+    from llama_cpp_agent.chat_history.messages import Roles
+
+    past, n_prompt, budget = fit_history(model, system, past, message, max_tokens, settings.n_ctx)
+    history = BasicChatHistory(k=len(past) + 3)  # we trim by tokens above; its own limit counts messages
+    for item in past:
+        history.add_message({"role": Roles(item["role"]), "content": item["content"]})  # it matches Roles, not str
+    agent = LlamaCppAgent(
+        model.provider,
+        system_prompt=system,
+        custom_messages_formatter=model.formatter,
+        add_tools_and_structures_documentation_to_system_prompt=False,  # else it appends "\n" to the system prompt
+    )
+    sampler = model.provider.get_provider_default_settings()
+    sampler.stream = True
+    sampler.max_tokens = budget
+    sampler.seed = settings.seed
+    for key, value in sampling.items():
+        setattr(sampler, key, value)
+
+    llama_cpp.llama_perf_context_reset(model.llm.ctx)
+    stream = agent.get_chat_response(
+        message, chat_history=history, llm_sampling_settings=sampler, returns_streaming_generator=True
+    )
+    answer = ""
+    try:
+        for piece in stream:
+            answer += piece
+            yield answer
+    finally:
+        stream.close()  # the Stop button closes us; this stops llama.cpp mid-answer
+    perf = llama_cpp.llama_perf_context(model.llm.ctx)
+    speed = perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else 0.0
+    stats = f"{perf.n_eval} tokens · {speed:.1f} tokens/s · prompt {perf.n_p_eval} of {n_prompt} tokens evaluated"
+    yield f"{answer}\n\n<sub>⏱ {stats}</sub>"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# UI
+# ----------------------------------------------------------------------------------------------------------------------
+
+STORE: ModelStore  # set by main()
+
+EXAMPLES = [
+    "Explain QLoRA to a software engineer in three sentences.",
+    "Write a haiku about open-source AI.",
+    "What should I pack for a three-day hike?",
+]
+
+
+class LenientSlider(gr.Slider):
+    """A Slider whose value reaches respond() as sent. API callers bypass sliders, and Gradio would answer an
+    out-of-range or non-numeric value with an error; respond() clamps it or replies with a message instead."""
+
+    is_template = True  # same front-end component as gr.Slider
+
+    def preprocess(self, payload):
+        return payload
+
+
+class LenientDropdown(gr.Dropdown):
+    """Likewise: an unknown model label gets a reply listing the models, not a Gradio error."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+
+
+def build_ui(labels: list[str]) -> gr.ChatInterface:
+    slider = {name: dict(minimum=low, maximum=high, value=default) for name, (low, high, default) in LIMITS.items()}
+    return gr.ChatInterface(
+        respond,
+        title="Phi-3.5-mini · OpenAssistant chat",
+        description="QLoRA fine-tune of Phi-3.5-mini-instruct on oasst1, running on CPU with llama.cpp.",
+        chatbot=gr.Chatbot(height=520, buttons=["copy"]),
+        additional_inputs=[
+            LenientDropdown(labels, value=labels[0], label="Model"),
+            gr.Textbox(SYSTEM_MESSAGE, label="System message"),
+            LenientSlider(**slider["max_tokens"], step=1, label="Max tokens"),
+            LenientSlider(**slider["temperature"], step=0.1, label="Temperature"),
+            LenientSlider(**slider["top_p"], step=0.05, label="Top-p"),
+            LenientSlider(**slider["top_k"], step=1, label="Top-k"),
+            LenientSlider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty"),
+        ],
+        examples=[[e] for e in EXAMPLES],
+        cache_examples=False,
+        api_name="chat",
+    )
+
+
+def main() -> None:
+    global STORE
+    try:
+        settings = Settings.from_env()
+        catalog = catalog_from_env()
+        paths, problems = fetch_model_files(catalog, settings.hf_token)
+        for label, why in problems.items():
+            print(f"warning: {label} is unavailable: {why}", file=sys.stderr)
+        if not paths:
+            raise ConfigError(
+                "No model file is available (the Hub is unreachable or the files are missing, and nothing is cached): "
+                "set MODEL_PATH to a local .gguf file, or MODEL_REPO and MODEL_FILES to a reachable Hub repo."
+            )
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    STORE = ModelStore(catalog, paths, settings)
+    demo = build_ui(STORE.labels)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Start the real app (`python app.py`) as a server on loopback for the tests that talk to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    def __init__(self, process: subprocess.Popen, url: str, log: Path):
+        self.process, self.url, self.log = process, url, log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False)
+
+
+@contextmanager
+def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
+    """Yield an AppServer once it answers HTTP; stop it afterwards. `env` adds to a clean offline environment."""
+    port = free_port()
+    log = tmp_path / f"app-{port}.log"
+    full_env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "N_THREADS": os.environ.get("N_THREADS", "2"),
+        "PYTHONUNBUFFERED": "1",
+        **env,
+    }
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    server = AppServer(process, f"http://127.0.0.1:{port}/", log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {process.returncode}:\n{server.output()}")
+            try:
+                urllib.request.urlopen(server.url + "config", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"app.py did not answer in {timeout} s:\n{server.output()}") from None
+                time.sleep(0.3)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_app(env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python app.py` to completion (for start-up failures); returns the finished process."""
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(free_port()), **env}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py")], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
