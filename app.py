@@ -345,6 +345,47 @@ class LoadedModel:
     load_seconds: float
 
 
+class Busy(Exception):
+    """The waiting line is full."""
+
+
+class WaitingLine:
+    """First come, first served turns at the model, with a bounded line of waiters.
+
+    Gradio's own queue would also serialize requests, but when full it answers with an error; here a
+    request that finds the line full gets a plain "try again" reply, and waiters see their place.
+    """
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self.line: list[object] = []  # line[0] holds the turn
+        self.changed = threading.Condition()
+
+    def wait(self, ticket: object):
+        """Join the line; yields how many are ahead while waiting (about once a second) and returns at our turn.
+        The caller must call leave(ticket) afterwards, also when it stops early."""
+        with self.changed:
+            if len(self.line) > self.max_waiting:
+                raise Busy(f"The Space is busy: {len(self.line) - 1} chats are already waiting. Please try again in a minute.")
+            self.line.append(ticket)
+        while True:
+            with self.changed:
+                if self.line[0] is ticket:
+                    return
+                self.changed.wait(timeout=1.0)
+                if self.line[0] is ticket:
+                    return
+                ahead = self.line.index(ticket)
+            # Yielding regularly also lets a Stop or a disconnect end a request that is still waiting.
+            yield ahead
+
+    def leave(self, ticket: object) -> None:
+        with self.changed:
+            if ticket in self.line:
+                self.line.remove(ticket)
+                self.changed.notify_all()
+
+
 class ModelStore:
     """One llama.cpp model in memory at a time, loaded on first use and swapped when the dropdown changes."""
 
@@ -354,7 +395,7 @@ class ModelStore:
         self.settings = settings
         self.broken: dict[str, str] = {}  # label -> why it cannot load; the other models keep serving
         self.current: LoadedModel | None = None
-        self.lock = threading.Lock()  # one generation and one load at a time
+        self.line = WaitingLine(settings.queue_size)  # one load or generation at a time
 
     @property
     def labels(self) -> list[str]:
@@ -430,7 +471,9 @@ def make_provider(llm, tokenize: PromptTokenizer):
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The line of numbers after each answer; removed again when the answer comes back as history.
-STATS = re.compile(r"\n\n<sub>⏱ [^\n]*</sub>$")
+STATS = re.compile(r"\n\n<sub>\d+ tokens · [^\n]*</sub>$")
+# Replies from the app rather than the model start with these; they never reach the model as history.
+NOTICE, WAITING = "⚠️ ", "⏳ "
 
 
 class BadRequest(Exception):
@@ -449,24 +492,35 @@ def clamp_number(name: str, value) -> float:
 
 
 def text_of(content) -> str:
-    """Gradio 6 content: a string (API calls) or a list of {"type": "text", "text": ...} parts (after a UI turn)."""
-    if isinstance(content, str):
-        return content
+    """Gradio 6 content: a string (API calls) or a list of {"type": "text", "text": ...} parts (after a UI turn).
+
+    Lone surrogates (JSON allows them, UTF-8 does not) become U+FFFD instead of failing later.
+    """
     if isinstance(content, dict):
         content = [content]
     if isinstance(content, (list, tuple)):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
-    return ""
+        content = "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text", ""), str)
+        )
+    if not isinstance(content, str):
+        return ""
+    if content.isascii():
+        return content
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in content)
 
 
 def history_messages(history) -> list[dict]:
     """Gradio history -> alternating user/assistant messages; anything else (files, odd roles) is skipped."""
     messages = []
-    for item in history or []:
+    for item in history if isinstance(history, (list, tuple)) else []:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             continue
         text = text_of(item.get("content"))
         if item["role"] == "assistant":
+            if text.startswith((NOTICE, WAITING)):  # the app's words, and the message they answered
+                if messages and messages[-1]["role"] == "user":
+                    messages.pop()
+                continue
             text = STATS.sub("", text)
         if messages and messages[-1]["role"] == item["role"]:
             messages[-1]["content"] += "\n\n" + text  # e.g. an answer streamed as several bubbles
@@ -502,9 +556,10 @@ def fit_history(model: LoadedModel, system: str, past: list[dict], message: str,
 
 
 def respond(message, history, model_label, system_message, max_tokens, temperature, top_p, top_k, repeat_penalty):
-    """Stream an answer. Bad input gets a one-line reply, never an exception."""
+    """Stream an answer. Bad input, a full line or a broken model file get a one-line notice, never an exception."""
+    ticket = object()
     try:
-        message = text_of(message.get("text", "") if isinstance(message, dict) else message)
+        message = text_of(message)
         if not message.strip():
             raise BadRequest("Please type a message.")
         max_tokens = int(clamp_number("max_tokens", max_tokens))
@@ -516,11 +571,14 @@ def respond(message, history, model_label, system_message, max_tokens, temperatu
         }
         system = text_of(system_message) if system_message is not None else SYSTEM_MESSAGE
         past = history_messages(history)
-        with STORE.lock:  # one generation at a time: the model and its KV cache are shared
-            model = STORE.get(str(model_label))
-            yield from generate(model, system, past, message, max_tokens, sampling, STORE.settings)
-    except (BadRequest, ConfigError) as err:
-        yield str(err)
+        for ahead in STORE.line.wait(ticket):  # one generation at a time: the model and its KV cache are shared
+            yield f"{WAITING}Waiting for the model: {ahead} {'chat' if ahead == 1 else 'chats'} ahead of you."
+        model = STORE.get(text_of(model_label))
+        yield from generate(model, system, past, message, max_tokens, sampling, STORE.settings)
+    except (BadRequest, ConfigError, Busy) as err:
+        yield f"{NOTICE}{err}"
+    finally:
+        STORE.line.leave(ticket)
 
 
 def generate(model: LoadedModel, system: str, past: list[dict], message: str, max_tokens: int, sampling: dict,
@@ -551,17 +609,20 @@ def generate(model: LoadedModel, system: str, past: list[dict], message: str, ma
     stream = agent.get_chat_response(
         message, chat_history=history, llm_sampling_settings=sampler, returns_streaming_generator=True
     )
-    answer = ""
+    answer, finished = "", False
     try:
         for piece in stream:
             answer += piece
             yield answer
+        finished = True
     finally:
-        stream.close()  # the Stop button closes us; this stops llama.cpp mid-answer
-    perf = llama_cpp.llama_perf_context(model.llm.ctx)
+        stream.close()  # the Stop button or a disconnect closes us; this stops llama.cpp mid-answer
+        perf = llama_cpp.llama_perf_context(model.llm.ctx)
+        print(f"{'answered' if finished else 'stopped'}: {perf.n_eval} tokens generated, "
+              f"{perf.n_p_eval} of {n_prompt} prompt tokens evaluated", flush=True)
     speed = perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else 0.0
     stats = f"{perf.n_eval} tokens · {speed:.1f} tokens/s · prompt {perf.n_p_eval} of {n_prompt} tokens evaluated"
-    yield f"{answer}\n\n<sub>⏱ {stats}</sub>"
+    yield f"{answer}\n\n<sub>{stats}</sub>"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -577,23 +638,12 @@ EXAMPLES = [
 ]
 
 
-class LenientSlider(gr.Slider):
-    """A Slider whose value reaches respond() as sent. API callers bypass sliders, and Gradio would answer an
-    out-of-range or non-numeric value with an error; respond() clamps it or replies with a message instead."""
-
-    is_template = True  # same front-end component as gr.Slider
-
-    def preprocess(self, payload):
-        return payload
-
-
-class LenientDropdown(gr.Dropdown):
-    """Likewise: an unknown model label gets a reply listing the models, not a Gradio error."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
+def lenient(component):
+    """Let the value reach respond() as sent. API callers bypass sliders and the dropdown, and Gradio would answer
+    an out-of-range number or unknown label with an error; respond() clamps it or replies with a notice instead.
+    (An instance override: subclassing a Gradio component writes a .pyi stub beside this file at import.)"""
+    component.preprocess = lambda payload: payload
+    return component
 
 
 def build_ui(labels: list[str]) -> gr.ChatInterface:
@@ -604,17 +654,18 @@ def build_ui(labels: list[str]) -> gr.ChatInterface:
         description="QLoRA fine-tune of Phi-3.5-mini-instruct on oasst1, running on CPU with llama.cpp.",
         chatbot=gr.Chatbot(height=520, buttons=["copy"]),
         additional_inputs=[
-            LenientDropdown(labels, value=labels[0], label="Model"),
+            lenient(gr.Dropdown(labels, value=labels[0], label="Model")),
             gr.Textbox(SYSTEM_MESSAGE, label="System message"),
-            LenientSlider(**slider["max_tokens"], step=1, label="Max tokens"),
-            LenientSlider(**slider["temperature"], step=0.1, label="Temperature"),
-            LenientSlider(**slider["top_p"], step=0.05, label="Top-p"),
-            LenientSlider(**slider["top_k"], step=1, label="Top-k"),
-            LenientSlider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty"),
+            lenient(gr.Slider(**slider["max_tokens"], step=1, label="Max tokens")),
+            lenient(gr.Slider(**slider["temperature"], step=0.1, label="Temperature")),
+            lenient(gr.Slider(**slider["top_p"], step=0.05, label="Top-p")),
+            lenient(gr.Slider(**slider["top_k"], step=1, label="Top-k")),
+            lenient(gr.Slider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty")),
         ],
         examples=[[e] for e in EXAMPLES],
         cache_examples=False,
         api_name="chat",
+        concurrency_limit=None,  # requests go straight to respond(), whose WaitingLine serializes and bounds them
     )
 
 
@@ -635,7 +686,8 @@ def main() -> None:
         sys.exit(f"error: {err}")
     STORE = ModelStore(catalog, paths, settings)
     demo = build_ui(STORE.labels)
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=1)
+    # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
+    demo.queue(max_size=4 * settings.queue_size + 16)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
 
 

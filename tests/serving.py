@@ -21,8 +21,8 @@ def free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, process: subprocess.Popen, url: str, log: Path):
-        self.process, self.url, self.log = process, url, log
+    def __init__(self, process: subprocess.Popen, url: str, log: Path, env: dict[str, str]):
+        self.process, self.url, self.log, self.env = process, url, log, env
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -52,7 +52,7 @@ def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
-    server = AppServer(process, f"http://127.0.0.1:{port}/", log)
+    server = AppServer(process, f"http://127.0.0.1:{port}/", log, env)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -73,6 +73,43 @@ def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_events: int | None = None):
+    """POST a hand-written JSON `data` list to /gradio_api/call/<api_name> and follow its event stream.
+
+    Returns the last streamed value, or, with `read_events`, disconnects after that many events and returns None.
+    """
+    import http.client
+    import json
+
+    host, port = server.url.split("//")[1].strip("/").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        connection.request("POST", f"/gradio_api/call/{api_name}", body='{"data": %s}' % data_json,
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+        event_id = json.loads(response.read())["event_id"]
+        connection.request("GET", f"/gradio_api/call/{api_name}/{event_id}")
+        stream, events, last, kind = connection.getresponse(), 0, None, None
+        while line := stream.fp.readline():
+            if line.startswith(b"event:"):
+                kind = line.split(b":", 1)[1].strip().decode()
+            elif line.startswith(b"data:"):
+                events += 1
+                if read_events is not None and events >= read_events:
+                    return None  # leave without a word: closing the socket below is a disconnect
+                payload = json.loads(line[5:])
+                if kind == "error":
+                    raise RuntimeError(f"server error event: {payload}")
+                if isinstance(payload, list) and payload:
+                    last = payload[0]
+                if kind == "complete":
+                    return last
+        return last
+    finally:
+        connection.close()
 
 
 def run_app(env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

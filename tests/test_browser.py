@@ -1,0 +1,153 @@
+"""A real browser on the real app: Playwright drives Debian's Chromium (no browser download).
+
+Screenshots land in tests/artifacts/browser/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serving import app_server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts" / "browser"
+# As the probe found: without the background-networking flags Chromium keeps dialling a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_gguf, tiny_phi3_gguf):
+    env = {"MODEL_PATH": f"{smollm2_gguf},{tiny_phi3_gguf['Q4_K_M']}", "N_CTX": "2048", "SEED": "7"}
+    with app_server(tmp_path_factory.mktemp("browser"), env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (tests/setup.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url, width=1200, height=900):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    chat_box(page).wait_for()
+    return page
+
+
+def chat_box(page):
+    # The chat's textbox comes first in the page; its placeholder goes once the chat has begun.
+    return page.locator("textarea[data-testid=textbox]").first
+
+
+def send(page, text):
+    box = chat_box(page)
+    box.fill(text)
+    box.press("Enter")
+
+
+def bot_messages(page):
+    return page.get_by_test_id("bot")
+
+
+def wait_for_answer(page, count, timeout=60_000):
+    """Wait until the count-th answer carries its stats line; returns its text."""
+    page.wait_for_function(
+        "n => { const m = document.querySelectorAll('[data-testid=bot]');"
+        " return m.length >= n && m[n - 1].innerText.includes('tokens/s'); }",
+        arg=count,
+        timeout=timeout,
+    )
+    return bot_messages(page).nth(count - 1).inner_text()
+
+
+def shot(page, name):
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_chat_stop_second_turn_parameters_model_switch_and_clear(server, browser):
+    page = open_page(browser, server.url)
+    shot(page, "01-empty")
+
+    # 1. An answer streams in: seen growing before it is complete.
+    send(page, "Hi! Name three colours.")
+    page.wait_for_function(
+        "() => { const m = document.querySelector('[data-testid=bot]'); return m && m.innerText.length > 0; }"
+    )
+    lengths = [len(bot_messages(page).first.inner_text())]
+    first = wait_for_answer(page, 1)
+    assert len(first) > lengths[0], "the answer should have grown while streaming"
+    shot(page, "02-first-answer")
+
+    # 2. Stop mid-answer: the text stops growing and never gets its stats line.
+    send(page, "Count from 1 to 300, one number per line.")
+    page.wait_for_function(
+        "() => { const m = document.querySelectorAll('[data-testid=bot]'); return m.length >= 2 && m[1].innerText.length > 20; }"
+    )
+    page.get_by_test_id("stop-button").click()
+    page.wait_for_timeout(1500)
+    stopped = bot_messages(page).nth(1).inner_text()
+    page.wait_for_timeout(1500)
+    assert bot_messages(page).nth(1).inner_text() == stopped
+    assert "tokens/s" not in stopped
+    shot(page, "03-stopped")
+    assert "stopped:" in server.output()
+
+    # 3. A second turn is answered at once after the stop.
+    send(page, "Thanks. And three animals?")
+    third = wait_for_answer(page, 3)
+    assert third.strip()
+
+    # 4. Max tokens from the parameters panel shortens the answer.
+    page.get_by_text("Additional inputs").click()
+    max_tokens = page.get_by_label("number input for Max tokens")
+    max_tokens.fill("4")
+    max_tokens.press("Enter")
+    shot(page, "04-parameters")
+    send(page, "Tell me a long story about a dragon.")
+    fourth = wait_for_answer(page, 4)
+    assert fourth.split("tokens ·")[0].strip().split()[-1] in {"1", "2", "3", "4"}
+
+    # 5. Switch the model: the other file is loaded and answers.
+    model = page.get_by_label("Model")
+    model.click()
+    page.get_by_role("option", name=Path(server_model(server, 1)).name).click()
+    send(page, "Hello")
+    wait_for_answer(page, 5)
+    assert f"loaded {Path(server_model(server, 1)).name}" in server.output()
+    shot(page, "05-switched-model")
+
+    # 6. Clear the chat.
+    page.get_by_label("Clear").click()
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=bot]').length === 0")
+    assert page.get_by_test_id("user").count() == 0
+    shot(page, "06-cleared")
+    page.close()
+
+
+def server_model(server, index):
+    return server.env["MODEL_PATH"].split(",")[index]
+
+
+def test_phone_width(server, browser):
+    page = open_page(browser, server.url, width=390, height=844)
+    send(page, "Say hello in French.")
+    answer = wait_for_answer(page, 1)
+    assert answer.strip()
+    # Nothing wider than the screen: no sideways scrolling on a phone.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "07-phone")
+    page.close()
