@@ -44,7 +44,6 @@ def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
-        "N_THREADS": os.environ.get("N_THREADS", "2"),
         "PYTHONUNBUFFERED": "1",
         **env,
     }

@@ -170,3 +170,12 @@ def test_the_app_writes_nothing_beside_itself(server):
     from serving import ROOT
 
     assert not (ROOT / "app.pyi").exists()
+
+
+def test_serves_the_smoke_builds_q4_k_m(tmp_path, smoke_run):
+    """The build's output, as pushed to the Hub, is what the Space serves: its prompt format comes from the GGUF."""
+    q4 = next((smoke_run / "hub").glob("*-Q4_K_M.gguf"))
+    with app_server(tmp_path, {"MODEL_PATH": str(q4), "SEED": "1"}) as server:
+        answer = chat(server.client(), "What is the capital of France?", q4.name, max_tokens=24, temperature=0.1)
+        assert body(answer) and stats(answer)["generated"] >= 1
+        assert f"loaded {q4.name}" in server.output() and "(prompt format: chatml)" in server.output()

@@ -27,7 +27,8 @@ INJECTIONS = [
 
 
 def load(path, prompt_format="auto", n_ctx=2048):
-    settings = app.Settings(n_ctx, 1, 1, 256, 4, 0, True, None)
+    settings = app.Settings(n_ctx=n_ctx, n_threads=1, n_threads_batch=1, n_batch=256, queue_size=4, seed=0,
+                            verify_sha256=True, hf_token=None)
     spec = app.ModelSpec("model", str(path), prompt_format=prompt_format)
     return app.ModelStore([spec], {"model": path}, settings), settings
 

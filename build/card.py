@@ -1,0 +1,128 @@
+"""The model card (hub/README.md): front matter the Hub indexes, the measured table, and how to use the files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import human_bytes
+from recipe import Recipe
+
+
+def card_dataset(recipe: Recipe) -> str:
+    return recipe.card_dataset or ("" if recipe.is_local_dataset else recipe.dataset)
+
+
+def front_matter(recipe: Recipe, model_type: str) -> dict:
+    dataset = card_dataset(recipe)
+    meta = {
+        "base_model": recipe.card_base_model or recipe.model_name_or_path,
+        "datasets": [dataset] if dataset else [],
+        "license": recipe.card_license,
+        "language": list(recipe.languages) or None,
+        "pipeline_tag": "text-generation",
+        "tags": ["gguf", "llama-cpp", "qlora", "lora", "sft", "trl", model_type, "oasst1", "conversational"],
+    }
+    return {k: v for k, v in meta.items() if v}
+
+
+def _quant_table(quants: list[dict]) -> str:
+    lines = ["| file | type | size | perplexity | decode tokens/s |", "|---|---|---|---|---|"]
+    for q in quants:
+        tps = q.get("tokens_per_s")
+        ppl = q.get("perplexity")
+        lines.append(
+            f"| `{q['file']}` | {q['type']} | {human_bytes(q['bytes'])} | {f'{ppl:.3f}' if ppl else 'n/a'} | "
+            f"{tps if tps is not None else 'n/a'} |"
+        )
+    return "\n".join(lines)
+
+
+def render(recipe: Recipe, report: dict, files: list[str], images: list[str], model_type: str) -> str:
+    import yaml
+
+    repo = recipe.hub_repo or f"<namespace>/{recipe.gguf_name}-GGUF"
+    data, train, ev = report.get("data", {}), report.get("train", {}), report.get("eval", {})
+    default = next((f for f in files if "Q4_K_M" in f), files[0] if files else "")
+    base = recipe.card_base_model or recipe.model_name_or_path
+    dropped = ", ".join(f"{k} {v}" for k, v in data.get("dropped", {}).items()) or "none"
+    lora = ", ".join(train.get("lora_targets", []))
+    head = yaml.safe_dump(front_matter(recipe, model_type), sort_keys=False, allow_unicode=True).strip()
+    image_md = "\n".join(f"![{Path(i).stem.replace('_', ' ')}]({i})" for i in images)
+    f16_note = (
+        "" if any("f16" in f for f in files) else " The f16 row is the unquantized export, measured but not uploaded."
+    )
+    dataset_id = card_dataset(recipe)
+    dataset_md = (
+        f"[{dataset_id}](https://huggingface.co/datasets/{dataset_id})" if dataset_id else f"`{recipe.dataset}`"
+    )
+    t = lambda key: f"{train[key]:.3f}" if isinstance(train.get(key), float) else "?"  # noqa: E731
+    quant_tag = default.removeprefix(recipe.gguf_name + "-").removesuffix(".gguf")
+    quant = "no (16-bit LoRA)"
+    if recipe.load_in_4bit:
+        quant = recipe.bnb_4bit_quant_type.upper() + (", double quant" if recipe.bnb_4bit_use_double_quant else "")
+    served = [default] + [f for f in files if f != default and f.endswith(".gguf")]
+
+    return f"""---
+{head}
+---
+
+# {recipe.gguf_name} (GGUF)
+
+[{base}](https://huggingface.co/{base}) fine-tuned with QLoRA on multi-turn conversations from {dataset_md}, merged,
+converted with llama.cpp and quantized. Built by `python build/run.py --recipe {recipe.name}`.
+
+## Files
+
+Measured on the build machine with llama-cpp-python {report.get("versions", {}).get("llama_cpp_python", "?")}:
+perplexity over the assistant tokens of {ev.get("conversations", "?")} held-out conversations (lower is better; every
+file scores the same token ids), greedy decode speed with {ev.get("threads", "?")} CPU thread(s).{f16_note}
+
+{_quant_table(report.get("quants", []))}
+
+## Training
+
+- Data: {data.get("trees", "?")} conversation trees; from each, the best-ranked reply at every turn
+  ({data.get("train", {}).get("threads", "?")} train / {data.get("eval", {}).get("threads", "?")} held-out
+  conversations, {data.get("tokens", "?")} tokens). Messages dropped: {dropped}.
+- Format: the base model's own chat template; loss on assistant tokens only.
+- LoRA r={recipe.lora_r}, alpha={recipe.lora_alpha}, dropout={recipe.lora_dropout} on {lora}; 4-bit base:
+  {quant}.
+- {train.get("steps", "?")} steps, learning rate {recipe.learning_rate:g} ({recipe.lr_scheduler_type}), max length
+  {recipe.max_length}, optimizer {recipe.optim}.
+- Train loss {t("first_loss")} -> {t("last_loss")}; held-out loss {t("eval_loss_start")} -> {t("eval_loss")}.
+
+{image_md}
+
+## Use
+
+### llama-cpp-python
+
+```python
+from llama_cpp import Llama
+
+llm = Llama.from_pretrained(repo_id="{repo}", filename="{default}", n_ctx=4096)
+out = llm.create_chat_completion(messages=[{{"role": "user", "content": "Hello! Who are you?"}}])
+print(out["choices"][0]["message"]["content"])
+```
+
+### llama.cpp
+
+```bash
+llama-cli -hf {repo}:{quant_tag} -cnv
+llama-server --hf-repo {repo} --hf-file {default} -c 4096
+```
+
+### The chat Space
+
+Point the Space at this repo with its environment variables (the first file is served by default):
+
+```bash
+MODEL_REPO={repo}
+MODEL_FILES={",".join(served)}
+```
+
+## Limitations
+
+A small model tuned on crowd-sourced conversations: it can be wrong, outdated or biased, and it was not trained
+for safety beyond what the base model and oasst1's moderation provide. Check its answers.
+"""

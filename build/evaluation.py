@@ -1,0 +1,159 @@
+"""Stage 6, evaluate: every GGUF (f16 and each quant) in llama-cpp-python, on this machine.
+
+For each file: does it load, its size, perplexity on held-out conversations (assistant tokens only, the tokens the
+model was trained to produce), decode tokens/s, and one greedy sample answer. All files see the same token ids, so
+their perplexities compare directly: a quant's cost is its distance from f16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from common import human_bytes, log
+from recipe import Recipe
+
+
+def load_conversations(eval_jsonl: Path, n: int) -> list[list[dict]]:
+    with open(eval_jsonl, encoding="utf-8") as f:
+        rows = [json.loads(line)["messages"] for line in f if line.strip()]
+    return rows[:n] if n > 0 else rows
+
+
+def score_inputs(
+    tokenizer, template: str, conversations: list[list[dict]], n_ctx: int
+) -> list[tuple[list[int], list[int]]]:
+    """(token ids, assistant mask) per conversation, cut to the context."""
+    out = []
+    for messages in conversations:
+        enc = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
+        )
+        ids, mask = enc["input_ids"][:n_ctx], enc["assistant_masks"][:n_ctx]
+        if sum(mask[1:]):
+            out.append((ids, mask))
+    return out
+
+
+def nll_sum(logits, ids: list[int], mask: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of the assistant tokens; the logits at position p predict token p + 1."""
+    import numpy as np
+
+    positions = np.array([p for p in range(len(ids) - 1) if mask[p + 1]])
+    rows = np.asarray(logits[positions], dtype=np.float64)
+    top = rows.max(axis=1)
+    logz = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+    targets = np.asarray(ids)[positions + 1]
+    return float((logz - rows[np.arange(len(positions)), targets]).sum()), len(positions)
+
+
+def perplexity(llm, inputs: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+    """exp(mean NLL) over assistant tokens, with llama.cpp's logits."""
+    total, count = 0.0, 0
+    for ids, mask in inputs:
+        llm.reset()
+        llm.eval(ids)
+        nll, n = nll_sum(llm.scores[: len(ids)], ids, mask)
+        total, count = total + nll, count + n
+    return math.exp(total / count), count
+
+
+def sample_answer(llm, prompt_ids: list[int], max_tokens: int) -> dict:
+    """Greedy answer; tokens/s counts decode only (first token to last), prompt time separately."""
+    t0 = time.perf_counter()
+    stamps, pieces = [], []
+    for chunk in llm.create_completion(prompt_ids, max_tokens=max_tokens, temperature=0.0, stream=True):
+        stamps.append(time.perf_counter())
+        pieces.append(chunk["choices"][0]["text"])
+    n = len(stamps)
+    decode_s = stamps[-1] - stamps[0] if n > 1 else 0.0
+    return {
+        "text": "".join(pieces).strip(),
+        "tokens": n,
+        "prompt_s": round(stamps[0] - t0, 3) if stamps else None,
+        "tokens_per_s": round((n - 1) / decode_s, 1) if decode_s > 0 else None,
+    }
+
+
+def evaluate_file(path: Path, inputs, prompt_ids: list[int], recipe: Recipe, threads: int, batch_threads: int) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    # logits_all keeps every position's logits (n_ctx x vocab floats): needed for perplexity, not for generation.
+    scorer = Llama(
+        model_path=str(path),
+        n_ctx=recipe.eval_ctx,
+        n_batch=512,
+        logits_all=True,
+        n_threads=batch_threads,
+        n_threads_batch=batch_threads,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    try:
+        ppl, scored = perplexity(scorer, inputs)
+    finally:
+        scorer.close()
+    gen = Llama(
+        model_path=str(path), n_ctx=recipe.eval_ctx, n_threads=threads, n_threads_batch=batch_threads, verbose=False
+    )
+    try:
+        sample = sample_answer(gen, prompt_ids, recipe.sample_max_tokens)
+    finally:
+        gen.close()
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "load_s": round(load_s, 2),
+        "perplexity": round(ppl, 4),
+        "tokens_scored": scored,
+        "tokens_per_s": sample["tokens_per_s"],
+        "prompt_s": sample["prompt_s"],
+        "sample": sample["text"],
+    }
+
+
+def run(
+    recipe: Recipe, model_dir: Path, gguf_files: list[tuple[str, Path]], eval_jsonl: Path
+) -> tuple[dict, list[Path]]:
+    """model_dir: the merged HF folder (its tokenizer gives the token ids fed to every GGUF)."""
+    from tqdm.auto import tqdm
+    from train import mask_template
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = score_inputs(
+        tokenizer,
+        mask_template(recipe, tokenizer),
+        load_conversations(eval_jsonl, recipe.eval_conversations),
+        recipe.eval_ctx,
+    )
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": recipe.sample_prompt}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=True,
+    )["input_ids"]
+    # All cores unless the recipe says otherwise. Under run.py's OMP_WAIT_POLICY=PASSIVE a busy core no longer
+    # stalls the others; decode of a very small model is then faster on one thread (see the smoke recipe).
+    cores = os.cpu_count() or 1
+    threads, batch_threads = recipe.n_threads or cores, recipe.n_threads_batch or cores
+    rows = []
+    for quant_type, path in tqdm(gguf_files, desc="evaluate", unit="file"):
+        row = {"type": quant_type, **evaluate_file(path, inputs, prompt_ids, recipe, threads, batch_threads)}
+        log(
+            f"[evaluate] {path.name}: {human_bytes(row['bytes'])}, perplexity {row['perplexity']:.3f}, "
+            f"{row['tokens_per_s']} tokens/s; sample: {row['sample'][:80]!r}"
+        )
+        rows.append(row)
+    meta = {
+        "conversations": len(inputs),
+        "n_ctx": recipe.eval_ctx,
+        "threads": threads,
+        "batch_threads": batch_threads,
+        "prompt": recipe.sample_prompt,
+    }
+    return {"quants": rows, "eval": meta}, []

@@ -1,0 +1,258 @@
+"""Stage 2, train: QLoRA SFT with TRL's `SFTTrainer` + PEFT LoRA, resumable from the latest checkpoint.
+
+Outputs in adapter/: the LoRA adapter (adapter_model.safetensors, adapter_config.json), the base tokenizer with its
+own chat template, loss_curve.png, log_history.json; checkpoints/ (with TensorBoard runs/) for crash recovery.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from architectures import get_arch
+from common import BuildError, log, read_json, write_json
+from recipe import Recipe, template_path
+
+CHECKPOINT_FILES = ("trainer_state.json",)  # written last by Trainer._save_checkpoint: its presence = complete
+
+
+def load_split(data_dir: Path, split: str):
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files=str(data_dir / f"{split}.jsonl"), split="train")
+    # SFTTrainer tokenizes every column it is given; tree_id/lang are bookkeeping for the split check only.
+    return ds.select_columns(["messages"])
+
+
+def mask_template(recipe: Recipe, tokenizer, check_on: list[list[dict]] = ()) -> str:
+    """The chat template with {% generation %} markers that decides which tokens carry loss (and which tokens the
+    evaluation scores): the recipe's `training_chat_template`, the tokenizer's own if it has markers, or TRL's twin.
+
+    A recipe template only marks tokens; it must render the same text as the model's own template (checked on
+    `check_on`), or the model would be trained on a format the Space never sends.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if recipe.training_chat_template:
+        path = template_path(recipe)
+        custom = path.read_text(encoding="utf-8")
+        if not has_generation_markers(custom):
+            raise BuildError(f"training_chat_template {path.name} has no {{% generation %}} markers")
+        for messages in check_on:
+            for prompt in (False, True):  # the whole conversation, and the prompt the Space sends before a reply
+                msgs = messages[:-1] if prompt else messages
+                ours = tokenizer.apply_chat_template(
+                    msgs, tokenize=False, chat_template=custom, add_generation_prompt=prompt
+                )
+                theirs = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+                if ours != theirs:
+                    at = len(os.path.commonprefix([ours, theirs]))
+                    raise BuildError(
+                        f"training_chat_template {path.name} renders differently from the model's chat "
+                        f"template (from character {at}: {ours[at : at + 30]!r} vs {theirs[at : at + 30]!r})"
+                    )
+        return custom
+    if has_generation_markers(tokenizer.chat_template):
+        return tokenizer.chat_template
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:
+        raise BuildError(
+            "assistant-only loss: TRL ships no training twin of this base's chat template; set "
+            "training_chat_template to a copy with {% generation %} markers (see build/templates/)"
+        ) from None
+
+
+def lora_targets(recipe: Recipe, model_type: str) -> list[str]:
+    return recipe.lora_target_modules or list(get_arch(model_type).lora_targets)
+
+
+def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Path):
+    """An SFTTrainer ready to train (also used by the tests to inspect the loss mask)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    targets = lora_targets(recipe, AutoConfig.from_pretrained(base).model_type)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    train_ds, eval_ds = load_split(data_dir, "train"), load_split(data_dir, "eval")
+    if recipe.assistant_only_loss:
+        mask_template(recipe, tokenizer, check_on=train_ds[:3]["messages"])  # fail before loading the model
+
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, recipe.compute_dtype)
+    quant = None
+    if recipe.load_in_4bit:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        dtype=dtype,
+        quantization_config=quant,
+        attn_implementation=recipe.attn_implementation,
+        device_map={"": 0} if cuda else None,  # one GPU: keep every 4-bit shard on it
+    )
+    peft_config = LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=targets,
+        bias="none",  # biases stay frozen: the merged model must be exactly base + BA
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(checkpoints_dir),
+        max_length=recipe.max_length,
+        per_device_train_batch_size=recipe.per_device_train_batch_size,
+        per_device_eval_batch_size=recipe.per_device_eval_batch_size,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        num_train_epochs=recipe.num_train_epochs,
+        max_steps=recipe.max_steps,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        optim=recipe.optim,
+        activation_checkpointing=recipe.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        # Non-reentrant: torch's recommended mode; the reentrant one needs grad-requiring inputs, frozen here.
+        activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        assistant_only_loss=recipe.assistant_only_loss,
+        # Only a recipe template needs passing: TRL swaps in its own twins by itself.
+        chat_template_path=str(template_path(recipe))
+        if recipe.assistant_only_loss and recipe.training_chat_template
+        else None,
+        packing=False,  # one conversation per row: the assistant mask and eval loss stay per conversation
+        logging_steps=recipe.logging_steps,
+        eval_strategy="steps",
+        eval_steps=recipe.eval_steps,
+        eval_on_start=True,  # the step-0 eval loss is the baseline the card compares against
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=recipe.compute_dtype == "bfloat16",
+        fp16=recipe.compute_dtype == "float16",
+        use_cpu=not cuda,
+        report_to=["tensorboard"],
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    # TRL casts QLoRA adapter weights to bf16, but Trainer's resume reloads them with PEFT's load_adapter, which
+    # upcasts to fp32: a resumed run would train in another precision than the run it replaces. Keep fp32 master
+    # weights in both (PEFT's default; LoRA weights are <1% of the model, and bf16 autocast still runs the matmuls).
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return trainer
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """Newest *complete* checkpoint: one killed mid-write lacks trainer_state.json and is skipped."""
+    found = []
+    for d in checkpoints_dir.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and all((d / f).is_file() for f in CHECKPOINT_FILES):
+            found.append((int(step), d))
+    return max(found)[1] if found else None
+
+
+def prepare_checkpoints(checkpoints_dir: Path, fp: str, force: bool) -> Path | None:
+    """Keep checkpoints only if they come from the same inputs; returns the one to resume from."""
+    stamp = checkpoints_dir / "fingerprint.json"
+    if force or (read_json(stamp) or {}).get("fingerprint") != fp:
+        if checkpoints_dir.exists():
+            shutil.rmtree(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fp})
+    return latest_checkpoint(checkpoints_dir)
+
+
+def plot_loss(history: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a build machine
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, force: bool) -> tuple[dict, list[Path]]:
+    from transformers import AutoTokenizer
+
+    checkpoints = adapter_dir / "checkpoints"
+    resume = prepare_checkpoints(checkpoints, fp, force)
+    for entry in adapter_dir.iterdir():  # a rerun starts from an empty adapter/ (checkpoints aside)
+        if entry != checkpoints:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    trainer = build_trainer(recipe, base, data_dir, checkpoints)
+    if resume:
+        log(f"[train] resuming from {resume.name}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    step = trainer.state.global_step
+    if not any(h.get("step") == step and "eval_loss" in h for h in trainer.state.log_history):
+        trainer.evaluate()  # the card's eval loss is the final model's
+    history = trainer.state.log_history
+
+    trainer.save_model(str(adapter_dir))
+    # The trainer's tokenizer may carry the training twin of the template; ship the base's own.
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.save_pretrained(adapter_dir)
+    write_json(adapter_dir / "log_history.json", history)
+    png = adapter_dir / "loss_curve.png"
+    plot_loss(
+        history, png, f"{recipe.name}: QLoRA on {(recipe.card_base_model or recipe.model_name_or_path).split('/')[-1]}"
+    )
+
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if not train_losses:
+        raise BuildError("training logged no loss: lower logging_steps or train for more steps")
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    result = {
+        "steps": trainer.state.global_step,
+        "first_loss": train_losses[0],
+        "last_loss": train_losses[-1],
+        "eval_loss_start": eval_losses[0],
+        "eval_loss": eval_losses[-1],
+        "resumed_from": resume.name if resume else None,
+        "lora_targets": lora_targets(recipe, trainer.model.config.model_type),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_runtime_s": round(sum(h.get("train_runtime", 0) for h in history), 1),
+    }
+    files = [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json", png]
+    log(
+        f"[train] {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
+        f"eval loss {result['eval_loss_start']:.3f} -> {result['eval_loss']:.3f}"
+    )
+    return result, files

@@ -1,0 +1,134 @@
+"""End to end: `python build/run.py --recipe smoke` from an empty output dir, offline, on this CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import check_ok, linked_copy, run_build
+
+pytestmark = pytest.mark.slow
+NAME = "SmolLM2-135M-Instruct-oasst1-smoke"
+
+
+@pytest.fixture(scope="module")
+def report(smoke_run) -> dict:
+    return json.loads((smoke_run / "report.json").read_text())
+
+
+def test_hub_folder_is_exactly_what_would_be_pushed(smoke_run):
+    assert sorted(p.name for p in (smoke_run / "hub").iterdir()) == sorted(
+        ["README.md", "loss_curve.png", f"{NAME}-Q4_K_M.gguf", f"{NAME}-Q5_K_M.gguf"]
+    )
+    assert (smoke_run / "hub" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for d in ("data", "adapter", "merged", "gguf"):
+        assert (smoke_run / d).is_dir()
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M"])
+def test_quants_load_in_llama_cpp_and_answer(smoke_run, quant):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(smoke_run / "hub" / f"{NAME}-{quant}.gguf"), n_ctx=512, n_threads=2, verbose=False)
+    try:
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=24, temperature=0.0
+        )
+    finally:
+        llm.close()
+    answer = out["choices"][0]["message"]["content"]
+    assert "Paris" in answer, answer
+
+
+def test_training_loss_falls(report, smoke_run):
+    train = report["train"]
+    assert train["steps"] == 16 and train["last_loss"] < train["first_loss"]
+    assert train["eval_loss"] < train["eval_loss_start"]
+    history = json.loads((smoke_run / "adapter" / "log_history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    half = len(losses) // 2
+    assert sum(losses[half:]) / (len(losses) - half) < sum(losses[:half]) / half  # epoch 2 below epoch 1
+
+
+def test_perplexities_are_finite_and_ordered_sensibly(report):
+    ppl = {q["type"]: q["perplexity"] for q in report["quants"]}
+    assert set(ppl) == {"F16", "Q4_K_M", "Q5_K_M"}
+    assert all(math.isfinite(v) and 1 < v < 100 for v in ppl.values())
+    for quant in ("Q4_K_M", "Q5_K_M"):
+        assert ppl["F16"] <= ppl[quant] * 1.01, "quantization should not improve on f16"
+        assert ppl[quant] <= ppl["F16"] * 1.15, "a 4-5 bit quant stays close to f16"
+    sizes = {q["type"]: q["bytes"] for q in report["quants"]}
+    assert sizes["Q4_K_M"] < sizes["Q5_K_M"] < sizes["F16"]
+
+
+def test_f16_perplexity_matches_the_merged_hf_model(smoke_run, report):
+    """The same assistant tokens scored by transformers on merged/: the f16 GGUF must agree (conversion check)."""
+    import math
+
+    import evaluation
+    import torch
+    from recipe import load_recipe
+    from train import mask_template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = load_recipe("smoke")
+    tok = AutoTokenizer.from_pretrained(smoke_run / "merged")
+    conversations = evaluation.load_conversations(smoke_run / "data" / "eval.jsonl", recipe.eval_conversations)
+    inputs = evaluation.score_inputs(tok, mask_template(recipe, tok), conversations, recipe.eval_ctx)
+    model = AutoModelForCausalLM.from_pretrained(smoke_run / "merged", dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in inputs:
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+            nll, n = evaluation.nll_sum(logits, ids, mask)
+            total, count = total + nll, count + n
+    f16 = next(q for q in report["quants"] if q["type"] == "F16")
+    assert count == f16["tokens_scored"]
+    assert abs(math.exp(total / count) / f16["perplexity"] - 1) < 0.01
+
+
+def test_report_contract(report):
+    assert {"trees", "threads", "dropped", "turns", "tokens"} <= set(report["data"])
+    assert {"first_loss", "last_loss", "eval_loss"} <= set(report["train"])
+    for q in report["quants"]:
+        assert {"type", "file", "bytes", "perplexity", "tokens_per_s"} <= set(q)
+        assert q["tokens_per_s"] > 0 and q["sample"]
+    assert set(report["stage_seconds"]) == {"data", "train", "merge", "export", "quantize", "evaluate", "publish"}
+    assert report["merge"]["max_abs_logit_diff"] <= report["merge"]["tolerance"]
+
+
+def test_card_front_matter_table_and_usage(smoke_run, report):
+    import yaml
+
+    card = (smoke_run / "hub" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert front["datasets"] == ["OpenAssistant/oasst1"] and front["license"] == "apache-2.0"
+    assert {"gguf", "llama-cpp", "qlora"} <= set(front["tags"])
+    for q in report["quants"]:
+        assert q["file"] in card and f"{q['perplexity']:.3f}" in card
+    assert "Llama.from_pretrained" in card and "llama-cli" in card
+    assert f"MODEL_FILES={NAME}-Q4_K_M.gguf,{NAME}-Q5_K_M.gguf" in card and "MODEL_REPO=" in card
+    assert "![loss curve](loss_curve.png)" in card
+
+
+def test_rerun_skips_every_stage(smoke_run, tmp_path):
+    out = linked_copy(smoke_run, tmp_path / "out")
+    proc = run_build("--recipe", "smoke", "--output-dir", out)
+    check_ok(proc)
+    for stage in ("data", "train", "merge", "export", "quantize", "evaluate", "publish"):
+        assert f"[{stage}] up to date, skipped" in proc.stderr
+
+
+def test_a_new_quant_list_requantizes_without_retraining(smoke_run, tmp_path):
+    out = linked_copy(smoke_run, tmp_path / "out")
+    before = {s: (out / ".stages" / f"{s}.json").read_text() for s in ("data", "train", "merge", "export")}
+    proc = run_build("--recipe", "smoke", "--output-dir", out, "--stages", "quantize", "--quant_types", "Q8_0")
+    check_ok(proc)
+    assert "[quantize] running" in proc.stderr and "[train]" not in proc.stderr
+    assert before == {s: (out / ".stages" / f"{s}.json").read_text() for s in before}
+    assert sorted(p.name for p in (out / "gguf").glob("*.gguf")) == [f"{NAME}-Q8_0.gguf", f"{NAME}-f16.gguf"]
+    # the evaluation of the old quants is now out of date: asking for it alone says so
+    proc = run_build("--recipe", "smoke", "--output-dir", out, "--stages", "publish", "--quant_types", "Q8_0")
+    assert proc.returncode == 2 and "stage 'evaluate' has no up-to-date output" in proc.stderr
