@@ -72,8 +72,11 @@ class Settings:
         cpus = _cpu_count()
         return cls(
             n_ctx=_env_int("N_CTX", 4096, minimum=256),
-            # Measured (README, Performance): decode is memory-bound, so threads past the core count only spin.
-            n_threads=_env_int("N_THREADS", cpus),
+            # Measured on 2 cores (README, Performance): decoding on every core is fastest only while nothing else
+            # runs; the web server streaming the answer, or a second visitor, make llama.cpp's waiting threads spin
+            # and 2 threads fall to a third of 1 thread's speed. So decoding leaves one core free, and reading the
+            # prompt (compute-bound, before the web server has anything to stream) uses them all.
+            n_threads=_env_int("N_THREADS", max(1, cpus - 1)),
             n_threads_batch=_env_int("N_THREADS_BATCH", cpus),
             n_batch=_env_int("N_BATCH", 512),
             queue_size=_env_int("QUEUE_SIZE", 16),
