@@ -24,7 +24,7 @@ SESSIONS, TURNS = 16, 3
 def oasst_prompts(oasst_sample):
     """Real first messages of OpenAssistant conversations, short enough to keep the test quick."""
     prompts = []
-    with open(oasst_sample / "train.jsonl") as f:
+    with open(oasst_sample) as f:
         for line in f:
             row = json.loads(line)
             if row["parent_id"] is None and row["role"] == "prompter" and 10 < len(row["text"]) < 240:
