@@ -41,21 +41,9 @@ def test_random_init_builds_the_base_from_its_config(tiny_phi3_hf, tmp_path, cap
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    rc = run.main(
-        [
-            "--recipe",
-            str(TINY_RECIPE),
-            "--model_name_or_path",
-            "unused-hub-id",
-            "--config_name_or_path",
-            str(tiny_phi3_hf),
-            "--random_init",
-            "--stages",
-            "data",
-            "--output-dir",
-            str(out),
-        ]
-    )
+    argv = ["--recipe", str(TINY_RECIPE), "--model_name_or_path", "unused-hub-id", "--config_name_or_path",
+            str(tiny_phi3_hf), "--random_init", "--stages", "data", "--output-dir", str(out)]
+    rc = run.main(argv)
     assert rc == 0, capsys.readouterr().err
     base = out / "base"
     for name in ("config.json", "tokenizer.model", "tokenizer.json", "model.safetensors"):
@@ -67,22 +55,5 @@ def test_random_init_builds_the_base_from_its_config(tiny_phi3_hf, tmp_path, cap
     assert not torch.allclose(ours[key].float(), theirs[key].float())
     # cached: a second run does not rebuild it
     mtime = os.stat(base / "model.safetensors").st_mtime_ns
-    assert (
-        run.main(
-            [
-                "--recipe",
-                str(TINY_RECIPE),
-                "--model_name_or_path",
-                "unused-hub-id",
-                "--config_name_or_path",
-                str(tiny_phi3_hf),
-                "--random_init",
-                "--stages",
-                "data",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert run.main(argv) == 0
     assert os.stat(base / "model.safetensors").st_mtime_ns == mtime

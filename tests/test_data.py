@@ -11,6 +11,14 @@ from data import REASONS, extract_threads, read_jsonl, split_by_tree
 
 
 @pytest.fixture(scope="module")
+
+def data_stage(base, dataset, out, *extra) -> int:
+    """`build/run.py --stages data` with the tiny Phi-3 recipe, in process."""
+    import run
+
+    return run.main(["--recipe", str(TINY_RECIPE), "--model_name_or_path", str(base), "--dataset", str(dataset),
+                     "--stages", "data", "--output-dir", str(out), *extra])
+
 def sample_rows(oasst_sample):
     return read_jsonl(oasst_sample)
 
@@ -134,8 +142,6 @@ def test_broken_rows_are_counted_by_reason_and_skipped():
 
 
 def test_a_broken_dataset_file_builds_through_run_py(tmp_path, tiny_phi3_hf, capsys):
-    import run
-
     path = tmp_path / "broken.jsonl"
     lines = [json.dumps(r) if r is not None else "{not json" for r in broken_rows()]
     good = [
@@ -146,22 +152,7 @@ def test_a_broken_dataset_file_builds_through_run_py(tmp_path, tiny_phi3_hf, cap
     ]
     path.write_text("\n".join(lines + good) + "\n")
     out = tmp_path / "out"
-    rc = run.main(
-        [
-            "--recipe",
-            str(TINY_RECIPE),
-            "--model_name_or_path",
-            str(tiny_phi3_hf),
-            "--dataset",
-            str(path),
-            "--stages",
-            "data",
-            "--output-dir",
-            str(out),
-            "--languages",
-            "en",
-        ]
-    )
+    rc = data_stage(tiny_phi3_hf, path, out, "--languages", "en")
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())["data"]
     assert report["dropped"]["cycle"] == 2 and report["dropped"]["malformed"] == 2
@@ -176,7 +167,6 @@ def test_a_local_dataset_folder_uses_its_own_splits(tmp_path, sample_rows, tiny_
     """Hub-style data (train/validation splits), here from a local folder: no by-tree fraction, splits kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import run
 
     roots = [r["message_id"] for r in sample_rows if r["parent_id"] is None]
     held = set(roots[:10])
@@ -191,24 +181,7 @@ def test_a_local_dataset_folder_uses_its_own_splits(tmp_path, sample_rows, tiny_
         ]
         pq.write_table(pa.Table.from_pylist(rows), folder / "data" / f"{split}-00000-of-00001.parquet")
     out = tmp_path / "out"
-    rc = run.main(
-        [
-            "--recipe",
-            str(TINY_RECIPE),
-            "--model_name_or_path",
-            str(tiny_phi3_hf),
-            "--dataset",
-            str(folder),
-            "--stages",
-            "data",
-            "--output-dir",
-            str(out),
-            "--max_train_threads",
-            "0",
-            "--max_eval_threads",
-            "0",
-        ]
-    )
+    rc = data_stage(tiny_phi3_hf, folder, out, "--max_train_threads", "0", "--max_eval_threads", "0")
     assert rc == 0, capsys.readouterr().err
     evals = [json.loads(x)["tree_id"] for x in (out / "data" / "eval.jsonl").read_text().splitlines()]
     assert set(evals) == held
