@@ -10,8 +10,6 @@ from conftest import TINY_RECIPE
 from data import REASONS, extract_threads, read_jsonl, split_by_tree
 
 
-@pytest.fixture(scope="module")
-
 def data_stage(base, dataset, out, *extra) -> int:
     """`build/run.py --stages data` with the tiny Phi-3 recipe, in process."""
     import run
@@ -19,6 +17,8 @@ def data_stage(base, dataset, out, *extra) -> int:
     return run.main(["--recipe", str(TINY_RECIPE), "--model_name_or_path", str(base), "--dataset", str(dataset),
                      "--stages", "data", "--output-dir", str(out), *extra])
 
+
+@pytest.fixture(scope="module")
 def sample_rows(oasst_sample):
     return read_jsonl(oasst_sample)
 
