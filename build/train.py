@@ -238,6 +238,8 @@ def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, f
     if not train_losses:
         raise BuildError("training logged no loss: lower logging_steps or train for more steps")
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    import torch
+
     result = {
         "steps": trainer.state.global_step,
         "first_loss": train_losses[0],
@@ -249,6 +251,8 @@ def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, f
         "trainable_params": trainable,
         "total_params": total,
         "train_runtime_s": round(sum(h.get("train_runtime", 0) for h in history), 1),
+        # What a GPU needs to hold this recipe (tests/benchmarks/bench_training.py reports it).
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
     files = [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json", png]
     log(
