@@ -397,6 +397,7 @@ class ModelStore:
         self.paths = paths
         self.settings = settings
         self.broken: dict[str, str] = {}  # label -> why it cannot load; the other models keep serving
+        self.checked: set[Path] = set()  # files already hashed: switching models back does not re-read GBs
         self.current: LoadedModel | None = None
         self.line = WaitingLine(settings.queue_size)  # one load or generation at a time
 
@@ -429,7 +430,9 @@ class ModelStore:
     def _load(self, spec: ModelSpec, path: Path) -> LoadedModel:
         from llama_cpp import Llama
 
-        check_model_file(path, self.settings.verify_sha256)
+        if path not in self.checked:
+            check_model_file(path, self.settings.verify_sha256)
+            self.checked.add(path)
         start = time.perf_counter()
         try:
             llm = Llama(
