@@ -44,6 +44,8 @@ def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
+        # The test machine also runs the test process and other servers: 1 decode thread never spins on a busy core.
+        "N_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         **env,
     }

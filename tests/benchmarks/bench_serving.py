@@ -118,7 +118,7 @@ def phi35_shaped() -> Path:
     import export
     import quantize
     from recipe import load_recipe
-    from tiny_models import write_phi3_tokenizer
+    from tiny_models import SP_VOCAB, write_phi3_tokenizer
 
     hf = out / "hf"
     log("building a random Phi-3.5-mini-shaped model (once; ~8 GB on disk while it lasts)")
@@ -126,13 +126,18 @@ def phi35_shaped() -> Path:
                                                       "long_factor": [1.0] * 48})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # built in bf16: fp32 first needs 15 GB
+    # Only the tokenizer's first SP_VOCAB ids are real text; the rest of the 32064 are padding and control tokens.
+    # Zero logits keep them out of top-k sampling, so every generated token is visible text and nothing ends the
+    # answer early: the app's stream can then be timed token by token, like a real model's.
+    with torch.no_grad():
+        model.lm_head.weight[SP_VOCAB:] = 0
     model.save_pretrained(hf)
     del model
     write_phi3_tokenizer(hf)
     recipe = load_recipe("smoke", {"gguf_name": "Phi-3.5-mini-shape"})
-    (f16,) = export.run(recipe, hf, out)[1]
+    (f16,) = export.run(recipe, hf, out / "gguf")[1]  # the stage empties its output folder first
     quantize.quantize_file(f16, q4, "Q4_K_M")
-    f16.unlink()
+    shutil.rmtree(out / "gguf")
     shutil.rmtree(hf)
     return q4
 
@@ -187,6 +192,8 @@ def measure_updates(updates) -> dict:
             stamps.append(time.perf_counter())
             last_text = update
     s = stats_of(final)
+    if not stamps:
+        raise RuntimeError(f"no answer text was streamed; the last update was {final[:200]!r}")
     return {"decode_tps": decode_rate(stamps, s.get("generated", len(stamps))), "ttft_s": stamps[0] - start,
             "tokens": s.get("generated"), "evaluated": s.get("evaluated"), "prompt": s.get("prompt")}
 
