@@ -344,7 +344,6 @@ class LoadedModel:
     formatter: object  # llama_cpp_agent MessagesFormatter
     tokenize: PromptTokenizer
     provider: object  # llama_cpp_agent provider that sends token ids, not text
-    load_seconds: float
 
 
 class Busy(Exception):
@@ -456,7 +455,7 @@ class ModelStore:
         fmt = PROMPT_FORMATS[name]
         tokenize = PromptTokenizer(llm)
         print(f"loaded {path.name} in {seconds:.1f} s (prompt format: {name})", flush=True)
-        return LoadedModel(spec.label, llm, fmt, make_messages_formatter(fmt), tokenize, make_provider(llm, tokenize), seconds)
+        return LoadedModel(spec.label, llm, fmt, make_messages_formatter(fmt), tokenize, make_provider(llm, tokenize))
 
 
 def make_provider(llm, tokenize: PromptTokenizer):
