@@ -98,6 +98,14 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         attn_implementation=recipe.attn_implementation,
         device_map={"": 0} if cuda else None,  # one GPU: keep every 4-bit shard on it
     )
+    if quant is not None and not cuda:
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel the first time it runs in
+        # eval mode (the step-0 eval), and training then goes on with that kernel. A run resumed after the last eval
+        # would compute with the other one and drift from the uninterrupted run (seen: 0.016 on LoRA weights after
+        # 30 steps), and torch.compile rejects the repacked weights. One kernel throughout avoids both.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     peft_config = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
