@@ -79,8 +79,10 @@ def sample_answer(llm, prompt_ids: list[int], max_tokens: int) -> dict:
 
 
 def evaluate_file(path: Path, inputs, prompt_ids: list[int], recipe: Recipe, threads: int, batch_threads: int) -> dict:
+    from app import load_cpu_backend
     from llama_cpp import Llama
 
+    load_cpu_backend()  # the same CPU variant the Space would pick on this machine
     t0 = time.perf_counter()
     # logits_all keeps every position's logits (n_ctx x vocab floats): needed for perplexity, not for generation.
     scorer = Llama(

@@ -33,6 +33,7 @@ from pathlib import Path
 # and prompt processing ~5%; only the decode speed of very small models drops (SmolLM2-135M: 85 -> 25 tokens/s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage modules sit beside this file
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # app.py: evaluate loads llama.cpp the way the Space does
 
 # Stage modules import only the standard library at import time: torch & co. load inside the stages.
 import basemodel  # noqa: E402

@@ -139,6 +139,14 @@ class FakeHfApi:
         return Commit()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def llama_cpu_backend() -> str:
+    """In-process models need llama.cpp's CPU variant registered first, as app.py and the build do."""
+    from app import load_cpu_backend
+
+    return load_cpu_backend()
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """Replace huggingface_hub.HfApi (looked up at call time by build/publish.py) with FakeHfApi."""

