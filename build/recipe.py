@@ -118,6 +118,17 @@ class TrainArguments:
     max_grad_norm: float = _f(0.3, "Gradient clipping.", "train")
     optim: str = _f("paged_adamw_8bit", "Optimizer (transformers OptimizerNames).", "train")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward: memory for ~30% time.", "train")
+    packing: bool = _f(
+        False,
+        "Padding-free packing: conversations laid end to end in rows of max_length (TRL best-fit decreasing), "
+        "positions restarting at each one so that attention stays within it. No compute is spent on padding.",
+        "train",
+    )
+    compile_decoder: bool = _f(
+        False,
+        "torch.compile each decoder layer (the first steps take a minute or two longer while it compiles).",
+        "train",
+    )
     assistant_only_loss: bool = _f(True, "Train on assistant tokens only (TRL `assistant_only_loss`).", "train")
     training_chat_template: str = _f(
         "",

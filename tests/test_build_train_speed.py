@@ -1,0 +1,89 @@
+"""The train stage's speed options, checked for what they must not change: padding-free packing (the model sees
+each conversation exactly as if it were alone in its row, with the same loss mask) and compile_decoder (the same
+losses as the eager model). Their speed is measured by tests/benchmarks/bench_training.py on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import train
+from conftest import TINY_RECIPE
+from recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_phi3_hf, tmp_path_factory):
+    import run
+
+    out = tmp_path_factory.mktemp("speed") / "out"
+    args = ["--recipe", str(TINY_RECIPE), "--model_name_or_path", str(tiny_phi3_hf), "--stages", "data"]
+    assert run.main([*args, "--output-dir", str(out)]) == 0
+    return out / "data"
+
+
+def trainer_for(tiny_phi3_hf, data, ckpt, **overrides):
+    recipe = load_recipe(str(TINY_RECIPE), {"model_name_or_path": str(tiny_phi3_hf), **overrides})
+    return train.build_trainer(recipe, str(tiny_phi3_hf), data, ckpt)
+
+
+def segments(batch):
+    """(input_ids, labels, start) of each conversation in a padding-free batch (one row, positions restart at 0)."""
+    pos = batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    return [(ids[a:b], labels[a:b], a) for a, b in zip(starts, starts[1:])]
+
+
+def test_packed_rows_hold_whole_conversations_scored_as_if_alone(tiny_phi3_hf, tiny_data, tmp_path):
+    import torch
+
+    # Rows of 1024 tokens: the tiny tokenizer's threads average ~260 tokens, so most fit whole, several per row.
+    plain = trainer_for(tiny_phi3_hf, tiny_data, tmp_path / "plain", max_length=1024)
+    packed = trainer_for(tiny_phi3_hf, tiny_data, tmp_path / "packed", max_length=1024, packing=True)
+    # What unpacked training sees of each conversation: its tokens and which of them carry loss.
+    alone = {tuple(ex["input_ids"]): ex for ex in plain.train_dataset}
+    assert len(packed.train_dataset) < len(alone)  # shorter threads share rows
+
+    model = packed.model.eval()
+    seen, tokens_in_rows = 0, 0
+    for batch in packed.get_train_dataloader():
+        assert "attention_mask" not in batch  # padding-free: boundaries come from position_ids alone
+        tokens_in_rows += batch["input_ids"].numel()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+            leaky = model(input_ids=batch["input_ids"]).logits[0]  # the same row read as one long text
+        for ids, labels, start in segments(batch):
+            ex = alone[tuple(ids.tolist())]  # a whole conversation, none cut at a row's end
+            assert labels.tolist() == ex["labels"]  # the same assistant-only loss mask
+            with torch.no_grad():
+                own = model(input_ids=ids[None], position_ids=torch.arange(len(ids))[None]).logits[0]
+            in_row = logits[start : start + len(ids)]
+            # 4-bit matmuls round differently at another sequence length (~1e-3); attending across conversations
+            # would change the logits by tenths, as the same row read without its positions does.
+            assert (in_row - own).abs().max() < 1e-2
+            if start > 0:
+                assert (leaky[start : start + len(ids)] - own).abs().max() > 0.1
+            seen += 1
+    assert seen == len(alone)  # every conversation, once
+    # No padding: the rows carry exactly the conversations' tokens.
+    assert tokens_in_rows == sum(len(k) for k in alone)
+
+
+def test_compiled_decoder_layers_train_like_the_eager_model(tiny_phi3_hf, tiny_data, tmp_path):
+    """QLoRA: the layers compile around bitsandbytes' NF4 ops (here on CPU; bench_training.py times it on CUDA)."""
+    import torch
+
+    losses = {}
+    for compiled in (False, True):
+        trainer = trainer_for(tiny_phi3_hf, tiny_data, tmp_path / f"c{compiled}", max_steps=3, eval_steps=100,
+                              save_steps=100, lora_dropout=0.0, load_in_4bit=True, compile_decoder=compiled)
+        if compiled:
+            layers = train.decoder_layers(trainer.model)
+            assert all(layer._compiled_call_impl is not None for layer in layers)
+        trainer.train()
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        names = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+        assert not any("_orig_mod" in n for n in names)  # the adapter saves under the eager names
+    torch._dynamo.reset()
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=2e-3)
+
