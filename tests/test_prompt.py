@@ -7,6 +7,8 @@ the matching Hugging Face tokenizer.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import app
@@ -141,3 +143,73 @@ def test_human_format_matches_the_guanaco_text_it_was_trained_on(smollm2_gguf):
 def test_unknown_chat_template_is_a_clear_error():
     with pytest.raises(app.ConfigError, match="set PROMPT_FORMAT to one of phi3, chatml, human"):
         app.detect_prompt_format("{{ messages }}", "model.gguf")
+
+
+
+def next_turn_evaluates(store, settings, max_tokens, temperature=1.0, message=MESSAGE) -> tuple[str, int, int, int]:
+    """Two turns through the app's generation path: (answer 1, its tokens, prompt tokens evaluated in turn 2, the
+    tokens new in turn 2's prompt)."""
+    model = store.get("model")
+    sampling = {"temperature": temperature, "top_p": 1.0, "top_k": 40, "repeat_penalty": 1.0}
+    first = list(app.generate(model, SYSTEM, [], message, max_tokens, sampling, settings))
+    answer = app.STATS.sub("", first[-1])
+    generated = int(re.search(r"<sub>(\d+) tokens", first[-1])[1])
+    assert answer.strip() and answer in model.tokenize.answers
+    past = [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+    _, n_prompt_1, _ = app.fit_history(model, SYSTEM, [], message, 1, settings.n_ctx)
+    _, n_prompt_2, _ = app.fit_history(model, SYSTEM, past, "And dogs?", 1, settings.n_ctx)
+    second = list(app.generate(model, SYSTEM, past, "And dogs?", 1, sampling, settings))
+    evaluated = int(re.search(r"prompt (\d+) of", second[-1])[1])
+    return answer, generated, evaluated, n_prompt_2 - n_prompt_1 - len(model.tokenize.answers[answer])
+
+
+def test_the_next_turn_reuses_the_cache_past_the_models_own_answer(phi3):
+    """A random model spells words in pieces that re-tokenizing its answer would not give back; the next prompt
+    must still carry the model's own ids, so llama.cpp evaluates only what is new after the answer. This answer is
+    cut by max_tokens: its last token was sampled and streamed but never evaluated, so it is evaluated now."""
+    store, settings = phi3
+    answer, _, evaluated, new = next_turn_evaluates(store, settings, max_tokens=12)
+    assert evaluated == new + 1
+    # The scenario is real: re-tokenized, this answer would not match the ids the model generated.
+    model = store.get("model")
+    assert model.llm.tokenize(answer.encode(), add_bos=False, special=False) != list(model.tokenize.answers[answer])
+
+
+def test_an_answer_ended_by_the_model_is_reused_whole(smollm2):
+    store, settings = smollm2
+    _, generated, evaluated, new = next_turn_evaluates(store, settings, 300, 0.2, "Say hello in one short sentence.")
+    assert generated < 299  # it ended on its own end-of-turn token (a cut answer counts 299 tokens evaluated)
+    assert evaluated == new
+
+
+
+def test_llama_cpp_decodes_on_while_the_web_server_handles_an_update(smollm2):
+    """Gradio spends a few ms on each update between two calls to the generator; llama.cpp must not wait for it.
+    Here the consumer stops pulling after the first update: llama.cpp finishes the answer anyway, and the next update
+    brings all the rest at once. Closing the generator early leaves llama.cpp idle."""
+    import time
+
+    def settled(llm) -> int:  # llama.cpp's token count once it stops moving
+        while True:
+            n = llm.n_tokens
+            time.sleep(0.5)
+            if llm.n_tokens == n:
+                return n
+
+    store, settings = smollm2
+    model = store.get("model")
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 40, "repeat_penalty": 1.0}
+    stream = app.generate(model, SYSTEM, [], "Tell me a long story about a dragon.", 48, sampling, settings)
+    first = next(stream)
+    decoded = settled(model.llm)
+    rest = list(stream)
+    assert model.llm.n_tokens == decoded  # nothing was left to decode once we pulled again
+    assert len(rest) == 2 and rest[0].startswith(first) and len(rest[0]) > len(first)  # all the remaining text
+    assert app.STATS.search(rest[1])
+
+    stopped = app.generate(model, SYSTEM, [], "Count to one hundred.", 200, sampling, settings)
+    next(stopped)
+    stopped.close()  # like the Stop button: returns once llama.cpp has finished its current token
+    at_close = model.llm.n_tokens
+    assert settled(model.llm) == at_close
+    assert "tokens/s" in list(app.generate(model, SYSTEM, [], "Hi", 4, sampling, settings))[-1]
