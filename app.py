@@ -734,7 +734,7 @@ def decoded_ahead(stream):
     """Run `stream` in DECODER; yield the text it produced since the previous yield (several tokens when the consumer
     is slower). Closing this stops the stream after its current token and waits until llama.cpp is idle."""
     pieces: queue.SimpleQueue = queue.SimpleQueue()
-    stop, end = threading.Event(), object()
+    stop, done, end = threading.Event(), threading.Event(), object()
 
     def decode():
         try:
@@ -747,6 +747,7 @@ def decoded_ahead(stream):
         finally:
             stream.close()
             pieces.put(end)
+            done.set()
 
     job = DECODER.submit(decode)
     try:
@@ -757,6 +758,7 @@ def decoded_ahead(stream):
             text = "".join(item for item in items if isinstance(item, str))
             if text:
                 yield text
+                done.wait(STREAM_EVERY)  # llama.cpp decodes on meanwhile; the next update brings what it made
             for item in items:
                 if isinstance(item, BaseException):
                     raise item
@@ -801,7 +803,6 @@ def generate(model: LoadedModel, system: str, past: list[dict], message: str, ma
         for text in ahead:
             answer += text
             yield answer
-            time.sleep(STREAM_EVERY)  # llama.cpp decodes on meanwhile; the next update brings what it made
         finished = True
     finally:
         ahead.close()  # the Stop button or a disconnect closes us: llama.cpp stops after its current token
