@@ -318,10 +318,11 @@ class PromptTokenizer:
         llm = self.llm
         ids = [int(t) for t in llm.input_ids[n_prompt : llm.n_tokens]]  # evaluated: all but the last one sampled
         spelt = llm.detokenize(ids, prev_tokens=[int(t) for t in llm.input_ids[:n_prompt]])
-        rest = text.encode("utf-8")[len(spelt) :]
+        wanted = text.encode("utf-8")
+        rest = wanted[len(spelt) :]
         if rest:  # the last token, sampled and streamed but never evaluated (the answer hit max_tokens)
             ids.append(self._by_piece().get(rest, -1))
-        if not text or text.encode("utf-8") != spelt + rest or any(t < 0 or t in self.attrs for t in ids):
+        if not text or wanted != spelt + rest or any(t < 0 or t in self.attrs for t in ids):
             return
         self.answers[text] = tuple(ids)
         self.answers.move_to_end(text)

@@ -249,9 +249,9 @@ def median_run(runs: list[dict]) -> dict:
     return {**ranked[len(ranked) // 2], "min_tps": ranked[0]["decode_tps"], "max_tps": ranked[-1]["decode_tps"]}
 
 
-def measure_http(server, model: Path, n_gen: int, client=None) -> dict:
-    client = client or server.client()
-    job = client.submit(PROMPT, model.name, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0, api_name="/chat")
+def measure_http(server, model: Path, n_gen: int) -> dict:
+    """One answer over HTTP in a new chat (a client keeps its conversation, which would grow round after round)."""
+    job = server.client().submit(PROMPT, model.name, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0, api_name="/chat")
     return measure_updates(job)
 
 
@@ -354,7 +354,7 @@ def main() -> None:
                      "cpu_backend": app.load_cpu_backend()}
     bench = llama_bench(runtime_cmake_args())
     log("llama-bench: prompt processing")
-    results["llama_bench_prompt"] = run_llama_bench(bench, model, t, 64, 0, reps=3)
+    llama_bench_prompt = run_llama_bench(bench, model, t, 64, 0, reps=3)["prompt_tps"]
 
     samples: dict[str, list] = {"llama_bench": [], "raw": [], "respond": [], "http": []}
     raw = RawPath(model, t)
@@ -378,7 +378,7 @@ def main() -> None:
                 samples["respond"].append(measure_respond(n_gen))
             finally:
                 server.process.send_signal(signal.SIGCONT)
-            http, peak = rss_during(server.process.pid, lambda: measure_http(server, model, n_gen))  # a new chat each time
+            http, peak = rss_during(server.process.pid, lambda: measure_http(server, model, n_gen))
             samples["http"].append(http)
             results["memory"]["peak_rss_answering"] = max(results["memory"]["peak_rss_answering"], peak)
         raw.close()
@@ -398,7 +398,7 @@ def main() -> None:
             "this_build_decode": statistics.median(x["decode_tps"] / y["decode_tps"] for x, y in zip(samples["raw"], runs)),
             "this_build_prompt": statistics.median(x["prompt_tps"] / y["prompt_tps"] for x, y in zip(samples["raw"], runs)),
         }
-    results["llama_bench"]["prompt_tps"] = results["llama_bench_prompt"]["prompt_tps"]
+    results["llama_bench"]["prompt_tps"] = llama_bench_prompt
     # Ratios within each round, then their median: the machine's drift cancels out.
     rate = {path: [run["decode_tps"] for run in runs] for path, runs in samples.items()}
     results["ratios"] = {
