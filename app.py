@@ -308,8 +308,9 @@ class PromptTokenizer:
         self.answers: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # recent answers -> the ids that made them
         self.pieces: dict[bytes, int] | None = None
 
-    def remember_answer(self, text: str, n_prompt: int) -> None:
-        """Keep the token ids the model just generated for `text`, its answer to a prompt of n_prompt tokens.
+    def remember_answer(self, text: str, n_prompt: int) -> int:
+        """Keep the token ids the model just generated for `text`, its answer to a prompt of n_prompt tokens;
+        returns how many tokens it generated for it.
 
         Re-tokenizing an answer does not always give back the model's own ids (it may have spelt a word in several
         pieces); the next turn's prompt would then leave llama.cpp's cache at that answer and everything after it
@@ -320,14 +321,14 @@ class PromptTokenizer:
         spelt = llm.detokenize(ids, prev_tokens=[int(t) for t in llm.input_ids[:n_prompt]])
         wanted = text.encode("utf-8")
         rest = wanted[len(spelt) :]
-        if rest:  # the last token, sampled and streamed but never evaluated (the answer hit max_tokens)
+        if rest:  # the last token, sampled and streamed but never evaluated (the answer hit max_tokens, or a Stop)
             ids.append(self._by_piece().get(rest, -1))
-        if not text or wanted != spelt + rest or any(t < 0 or t in self.attrs for t in ids):
-            return
-        self.answers[text] = tuple(ids)
-        self.answers.move_to_end(text)
-        while len(self.answers) > MAX_REMEMBERED_ANSWERS:
-            self.answers.popitem(last=False)
+        if text and wanted == spelt + rest and not any(t < 0 or t in self.attrs for t in ids):
+            self.answers[text] = tuple(ids)
+            self.answers.move_to_end(text)
+            while len(self.answers) > MAX_REMEMBERED_ANSWERS:
+                self.answers.popitem(last=False)
+        return len(ids)
 
     def _by_piece(self) -> dict[bytes, int]:
         """Token id by its text as streamed (a piece inside an answer: no leading-space stripping); built once."""
@@ -607,13 +608,34 @@ class ModelStore:
 def make_provider(llm, tokenize: PromptTokenizer):
     from llama_cpp_agent.providers import LlamaCppPythonProvider
 
+    from llama_cpp_agent.llm_output_settings import LlmStructuredOutputType
+
     class TokenIdProvider(LlamaCppPythonProvider):
-        """Hands llama.cpp token ids built by PromptTokenizer instead of a string it would re-tokenize."""
+        """Hands llama.cpp token ids built by PromptTokenizer instead of a string it would re-tokenize, and holds
+        the answer to max_tokens itself."""
 
         def create_completion(self, prompt, structured_output_settings, settings, bos_token):
-            return super().create_completion(tokenize(prompt), structured_output_settings, settings, bos_token)
+            if structured_output_settings.output_type != LlmStructuredOutputType.no_structured_output:
+                raise NotImplementedError("this app streams plain text; grammars go through LlamaCppPythonProvider")
+            ids = tokenize(prompt)
+            options = {**settings.as_dict(), "stop": settings.get_additional_stop_sequences()}
+            del options["additional_stop_sequences"]
+            return llm.create_completion(ids, stopping_criteria=stop_after(len(ids) + settings.max_tokens), **options)
 
     return TokenIdProvider(llm)
+
+
+def stop_after(n_tokens: int):
+    """A llama-cpp-python stopping criterion: end the answer before its (n_tokens + 1)-th token would be evaluated.
+
+    llama-cpp-python checks max_tokens only after a token that ends a UTF-8 character. A model that keeps emitting
+    partial characters (lead bytes, as SmolLM2 did for the message "\\x80") ran past max_tokens and off the end of
+    the context: llama_decode returned 1 ("failed to find a memory slot"). This check runs after every token.
+    """
+    from llama_cpp import StoppingCriteriaList
+
+    # It gets the ids llama.cpp has evaluated so far: the prompt plus all answer tokens but the one just sampled.
+    return StoppingCriteriaList([lambda evaluated, _logits: len(evaluated) >= n_tokens])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -807,10 +829,8 @@ def generate(model: LoadedModel, system: str, past: list[dict], message: str, ma
         finished = True
     finally:
         ahead.close()  # the Stop button or a disconnect closes us: llama.cpp stops after its current token
-        model.tokenize.remember_answer(answer, n_prompt)  # so that the next turn reuses the cache past it
+        generated = model.tokenize.remember_answer(answer, n_prompt)  # so that the next turn reuses the cache
         perf = llama_cpp.llama_perf_context(model.llm.ctx)
-        # An answer cut at max_tokens ends on a token that was sampled and streamed but never evaluated.
-        generated = perf.n_eval + (perf.n_eval == budget - 1)
         print(f"{'answered' if finished else 'stopped'}: {generated} tokens generated, "
               f"{perf.n_p_eval} of {n_prompt} prompt tokens evaluated", flush=True)
     speed = perf.n_eval / (perf.t_eval_ms / 1000) if perf.t_eval_ms > 0 else 0.0

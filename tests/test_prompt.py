@@ -213,3 +213,41 @@ def test_llama_cpp_decodes_on_while_the_web_server_handles_an_update(smollm2):
     at_close = model.llm.n_tokens
     assert settled(model.llm) == at_close
     assert "tokens/s" in list(app.generate(model, SYSTEM, [], "Hi", 4, sampling, settings))[-1]
+
+
+def test_an_answer_of_partial_utf8_characters_stops_at_max_tokens_and_inside_the_context(smollm2_gguf):
+    """llama-cpp-python checks max_tokens only after a token that ends a UTF-8 character. Forced to emit lead bytes
+    (as SmolLM2 did by itself for the message "\\x80" at temperature 0), it runs past max_tokens and off the end of
+    the context. The app's provider stops at max_tokens whatever the tokens spell."""
+    import numpy as np
+    from llama_cpp_agent.llm_output_settings import LlmStructuredOutputSettings, LlmStructuredOutputType
+    from llama_cpp_agent.providers import LlamaCppPythonProvider
+
+    store, settings = load(smollm2_gguf, n_ctx=256)
+    model = store.get("model")
+    lead_byte = model.tokenize._by_piece()[b"\xf0"]  # starts a 4-byte character that never gets its other bytes
+
+    def only_lead_bytes(_ids, logits):
+        forced = np.full_like(logits, -np.inf)
+        forced[lead_byte] = 0.0
+        return forced
+
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    n_prompt = len(model.tokenize(prompt))
+    plain_text = LlmStructuredOutputSettings(output_type=LlmStructuredOutputType.no_structured_output)
+
+    def run(provider, max_tokens):
+        sampler = provider.get_provider_default_settings()
+        sampler.stream, sampler.max_tokens, sampler.temperature = True, max_tokens, 0.1
+        sampler.logits_processor = [only_lead_bytes]  # the sampler's fields are passed to llama-cpp-python as is
+        for _ in provider.create_completion(prompt, plain_text, sampler, ""):
+            pass
+        return model.llm.n_tokens - n_prompt  # answer tokens evaluated
+
+    # Stopped after max_tokens tokens, the context filled to its last cell and no further.
+    assert run(model.provider, settings.n_ctx - n_prompt) == settings.n_ctx - n_prompt
+    assert run(model.provider, 5) == 5
+    # The same through llama-cpp-python's own limit: past max_tokens, then off the end of the context.
+    with pytest.raises(RuntimeError, match="llama_decode returned 1"):
+        run(LlamaCppPythonProvider(model.llm), settings.n_ctx - n_prompt)
+    store.unload()
