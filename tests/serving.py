@@ -79,7 +79,8 @@ def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
 def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_events: int | None = None):
     """POST a hand-written JSON `data` list to /gradio_api/call/<api_name> and follow its event stream.
 
-    Returns the last streamed value, or, with `read_events`, disconnects after that many events and returns None.
+    Returns the last streamed value, or, with `read_events`, disconnects after that many events and returns None
+    (unless the answer was complete by then).
     """
     import http.client
     import json
@@ -99,7 +100,7 @@ def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_eve
                 kind = line.split(b":", 1)[1].strip().decode()
             elif line.startswith(b"data:"):
                 events += 1
-                if read_events is not None and events >= read_events:
+                if read_events is not None and events >= read_events and kind != "complete":
                     return None  # leave without a word: closing the socket below is a disconnect
                 payload = json.loads(line[5:])
                 if kind == "error":
