@@ -83,8 +83,11 @@ def test_sixteen_concurrent_multi_turn_chats(server, smollm2_gguf, oasst_prompts
         for history, message, answer in turns:
             assert "tokens/s" in answer, f"not answered: {answer!r}"
             # The server built this prompt from this session's history and nothing else: had conversations
-            # been mixed up, its token count would not match the one computed from the session alone.
-            assert stats(answer)["prompt"] == smollm2_prompt_counter(history, message)
+            # been mixed up, its token count would be far from the one computed from the session alone. Only the
+            # answers may differ by a token or so: the server sends the model's own ids for them, and re-tokenizing
+            # an answer does not always give those back.
+            answers = len(history) // 2
+            assert abs(stats(answer)["prompt"] - smollm2_prompt_counter(history, message)) <= 2 * answers
     assert server.process.poll() is None
     # Flat memory: later rounds add no more than noise over the first (which warmed caches up).
     assert rss[-1] - rss[0] < 64 * 2**20, [r // 2**20 for r in rss]
