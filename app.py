@@ -606,9 +606,8 @@ class ModelStore:
 
 
 def make_provider(llm, tokenize: PromptTokenizer):
-    from llama_cpp_agent.providers import LlamaCppPythonProvider
-
     from llama_cpp_agent.llm_output_settings import LlmStructuredOutputType
+    from llama_cpp_agent.providers import LlamaCppPythonProvider
 
     class TokenIdProvider(LlamaCppPythonProvider):
         """Hands llama.cpp token ids built by PromptTokenizer instead of a string it would re-tokenize, and holds
