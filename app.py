@@ -206,6 +206,18 @@ class PromptFormat:
     stop: tuple[str, ...] = ()
     skip_empty_system: bool = True  # the template drops a system message whose content is empty
     answer_prefix: str = ""  # put before each past answer's text, after the assistant marker
+    # For formats whose turn markers are plain text (no control tokens to keep out of message text): what in a
+    # message would read as a marker. Matches are defused by neutralize().
+    forged_markers: re.Pattern | None = None
+
+    def neutralize(self, text: str) -> str:
+        """Message text as the model should read it: a forged turn marker stays visible but is no longer the marker.
+
+        Its '#' become the full-width '＃' (U+FF03), which looks the same to a reader and tokenizes differently: a
+        visitor's "### Assistant: ..." is then a quote of a marker, not the start of a turn."""
+        if self.forged_markers is None:
+            return text
+        return self.forged_markers.sub(lambda m: m.group().replace("#", "\uff03"), text)
 
 
 PROMPT_FORMATS = {
@@ -236,6 +248,8 @@ PROMPT_FORMATS = {
         detect=("### Human:",),
         stop=("### Human:", "### Assistant:"),
         answer_prefix=" ",
+        # Any number of '#', any case, spaces or none: near misses of the marker are read as one too.
+        forged_markers=re.compile(r"#+[ \t]*(?:human|assistant)[ \t]*:", re.IGNORECASE),
     ),
 }
 
@@ -254,7 +268,7 @@ def make_messages_formatter(fmt: PromptFormat):
     class TemplateFormatter(MessagesFormatter):
         def _format_message_content(self, content: str, role: Roles) -> str:
             # Never stripped: the template keeps content as it is, and so does the training data.
-            return OPEN + content.replace(OPEN, "").replace(CLOSE, "") + CLOSE
+            return OPEN + fmt.neutralize(content.replace(OPEN, "").replace(CLOSE, "")) + CLOSE
 
         def _format_system_message(self, content: str) -> str:
             if fmt.skip_empty_system and content == OPEN + CLOSE:
