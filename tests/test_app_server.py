@@ -53,7 +53,7 @@ def test_streams_a_multi_turn_chat(server, labels):
     client = server.client()
     job = client.submit("Hi! Name three colours.", labels[0], SYSTEM, 48, 0.7, 0.95, 40, 1.1, api_name="/chat")
     updates = list(job)
-    assert len(updates) > 3, "the answer should arrive in pieces"
+    assert len(updates) >= 3, "the answer should arrive in pieces"
     first = updates[-1]
     assert body(first) and stats(first)["generated"] > 0
     # Each streamed update extends the previous one.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from ggufchat import cpu_backend as app  # the loader lives in the serving package
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,8 @@ def test_every_variant_this_build_installed_is_known():
 PROBE = r"""
 import ctypes, json, sys
 from pathlib import Path
-import app, llama_cpp
+import llama_cpp
+from ggufchat import cpu_backend as app
 name = app.load_cpu_backend()
 bin_dir = Path(llama_cpp.__file__).resolve().parents[1] / "bin"
 scores = {p.name[len("libggml-cpu-"):-3]: ctypes.CDLL(str(p)).ggml_backend_score() for p in bin_dir.glob("libggml-cpu-*.so")}

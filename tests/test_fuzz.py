@@ -100,11 +100,12 @@ histories = st.one_of(
 
 @pytest.fixture(scope="module")
 def store(tiny_phi3_gguf):
-    settings_ = app.Settings(n_ctx=512, n_threads=1, n_threads_batch=1, n_batch=128, queue_size=4, seed=0,
-                             verify_sha256=True, hf_token=None)
+    from ggufchat.backends import EngineSettings
+
+    settings_ = EngineSettings(n_ctx=512, parallel=2, n_threads=1, n_threads_batch=1, n_batch=128, seed=0)
     spec = app.ModelSpec("tiny", str(tiny_phi3_gguf["Q4_K_M"]))
     previous = getattr(app, "STORE", None)
-    app.STORE = app.ModelStore([spec], {"tiny": tiny_phi3_gguf["Q4_K_M"]}, settings_)
+    app.STORE = app.ModelStore([spec], {"tiny": tiny_phi3_gguf["Q4_K_M"]}, settings_, queue_size=4)
     yield app.STORE
     app.STORE.unload()
     app.STORE = previous

@@ -36,11 +36,9 @@ def oasst_prompts(oasst_sample):
 @pytest.fixture(scope="module")
 def smollm2_prompt_counter(smollm2_gguf):
     """Counts a conversation's prompt tokens exactly as the server does, from the conversation alone."""
-    from llama_cpp import Llama
     from llama_cpp_agent.chat_history.messages import Roles
 
-    llm = Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
-    tokenize = app.PromptTokenizer(llm)
+    tokenize = app.PromptTokenizer(app.Vocab.load(smollm2_gguf))
     formatter = app.make_messages_formatter(app.PROMPT_FORMATS["chatml"])
 
     def count(history: list[dict], message: str) -> int:
@@ -48,8 +46,7 @@ def smollm2_prompt_counter(smollm2_gguf):
                         {"role": "user", "content": message}]
         return len(tokenize(formatter.format_conversation(conversation, Roles.assistant)[0]))
 
-    yield count
-    llm.close()
+    return count
 
 
 @pytest.fixture(scope="module")

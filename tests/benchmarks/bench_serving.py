@@ -35,6 +35,8 @@ for p in (ROOT, ROOT / "build", ROOT / "tests"):
 
 import app  # noqa: E402
 from bench_common import phi35_config, table  # noqa: E402
+from ggufchat.backends import EngineSettings  # noqa: E402
+from ggufchat.engine import LLAMA_THREAD  # noqa: E402
 from serving import app_server  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
@@ -65,16 +67,14 @@ def runtime_cmake_args() -> list[str]:
     return [*defines, *os.environ.get("CMAKE_ARGS", "").split()]
 
 
-def llama_bench(cmake_args: list[str]) -> Path:
-    """Built like the wheel: with the CPU variants, llama-bench picks one itself (they sit beside it)."""
+def llama_bench_build_dir(cmake_args: list[str], extra: list[str] = ()) -> Path:
+    """A CMake build folder of llama.cpp from the same sources as the installed llama-cpp-python, configured like
+    its wheel (with the CPU variants, the tools pick one themselves: they sit beside them)."""
     from export import fetch_sdist, runtime_version
 
     version = runtime_version()
     key = hashlib.sha256(f"{version} {' '.join(cmake_args)}".encode()).hexdigest()[:12]
     build = cache() / f"llama-bench-{version}-{key}"
-    binary = build / "bin" / "llama-bench"
-    if binary.is_file():
-        return binary
     src = cache() / f"llama.cpp-src-{version}"
     if not (src / "CMakeLists.txt").is_file():
         tarball = fetch_sdist(version, cache().parent)
@@ -84,11 +84,18 @@ def llama_bench(cmake_args: list[str]) -> Path:
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(src, members=members, filter="data")
-    log(f"compiling llama-bench {version} with {' '.join(cmake_args)} (once, 10-25 minutes)")
     configure = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                 *cmake_args]
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *cmake_args, *extra]
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+    return build
+
+
+def llama_bench(cmake_args: list[str]) -> Path:
+    build = llama_bench_build_dir(cmake_args)
+    binary = build / "bin" / "llama-bench"
+    if binary.is_file():
+        return binary
+    log(f"compiling llama-bench with {' '.join(cmake_args)} (once, 10-25 minutes)")
     # With GGML_BACKEND_DL, ggml depends on every CPU variant library, so they are built too and land beside it.
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(os.cpu_count() or 2)],
                    check=True, stdout=subprocess.DEVNULL)
@@ -170,16 +177,16 @@ class RawPath:
 
         app.load_cpu_backend()
         # Configured as app.py configures it (flash attention on), so the paths differ only in what runs around it.
-        self.llm = app.DECODER.submit(Llama, str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                      flash_attn=True, verbose=False).result()
+        self.llm = LLAMA_THREAD.call(Llama, str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                      flash_attn=True, verbose=False)
         fmt = app.PROMPT_FORMATS["phi3" if "Phi-3" in model.name else "chatml"]
         prompt, _ = app.make_messages_formatter(fmt).format_conversation(
             [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}], Roles.assistant)
-        self.tokens = app.PromptTokenizer(self.llm)(prompt)
+        self.tokens = app.PromptTokenizer(app.Vocab(self.llm._model))(prompt)
 
     def measure(self, n_gen: int) -> dict:
-        # In the thread where the app runs llama.cpp: a second thread computing would slow both (app.DECODER).
-        return app.DECODER.submit(self._measure, n_gen).result()
+        # In the thread where the app runs llama.cpp: a second thread computing would slow both (LLAMA_THREAD).
+        return LLAMA_THREAD.call(self._measure, n_gen)
 
     def _measure(self, n_gen: int) -> dict:
         import llama_cpp
@@ -233,9 +240,9 @@ def measure_updates(updates) -> dict:
 
 
 def load_in_process_app(model: Path, threads: int, n_ctx: int = 2048) -> None:
-    settings = app.Settings(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, queue_size=4, seed=1,
-                            verify_sha256=False, hf_token=None)
-    app.STORE = app.ModelStore([app.ModelSpec("m", str(model))], {"m": model}, settings)
+    settings = EngineSettings(n_ctx=n_ctx, parallel=1, n_threads=threads, n_threads_batch=threads, seed=1,
+                              verify_sha256=False)
+    app.STORE = app.ModelStore([app.ModelSpec("m", str(model))], {"m": model}, settings, queue_size=4)
     app.STORE.get("m")  # load outside the timing
 
 

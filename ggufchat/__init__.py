@@ -1,0 +1,13 @@
+"""ggufchat: the serving engine behind the chat Space (app.py), shared with the build (build/).
+
+Each module owns one thing and says so at its top:
+
+- errors       the exceptions that reach a visitor as a one-line notice
+- cpu_backend  registers llama.cpp's fastest CPU variant this machine's OS can run
+- files        model files: Hub downloads through the HF cache, local paths, integrity checks
+- prompt       prompt formats, the injection-proof tokenizer, history fitting
+- engine       several chats decoded together in one llama.cpp context (slots, sampling, prefix reuse)
+- backends     the model store and the llama-cpp-agent provider that feeds the engine
+
+Nothing here imports Gradio or app.py: the Space imports this package, never the other way round.
+"""

@@ -1,0 +1,580 @@
+"""The engine: several chats decoded together in one llama.cpp context, by one thread.
+
+Each running chat owns a slot, i.e. a sequence id in a context of `parallel` sequences. Every step is one
+`llama_decode` holding the next token of every chat that is answering plus a bounded chunk of the prompt of any chat
+that has just arrived (chunked prefill: a long prompt never freezes the others for more than a chunk). Each chat
+samples with its own sampler chain at its own logits row, streams whole UTF-8 characters, and stops at an
+end-of-generation token, a stop string, its max tokens or the end of its context.
+
+Prefix reuse: a slot keeps the cells of its last chat when that chat ends, and a new chat takes the slot whose cells
+share the longest prefix with its prompt (the same chat's next turn finds its own cells), else copies the longest
+prefix any slot holds (e.g. the system prompt) with `llama_memory_seq_cp`; the KV cache is unified, so the copy
+shares cells rather than duplicating them. A stopped chat's cells are freed at once.
+
+Memory is bounded: `n_ctx` tokens per chat, `n_ctx * parallel` cells in all. If llama.cpp still finds no room
+(fragmentation, or a test's smaller cache), idle slots' cells are evicted, least recently used first, then the
+newest chat is ended with a notice; `llama_decode` never fails in a visitor's face.
+
+The engine knows token ids and sampling, never prompt formats: see prompt.py for those, and backends.py for the
+glue.
+"""
+
+from __future__ import annotations
+
+import codecs
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Busy, ConfigError
+
+
+class LlamaThread:
+    """The one thread in which every llama.cpp computation of the process runs: model loads, other jobs handed to
+    it with `call`, and one step of every live engine in turn.
+
+    One thread, because OpenMP keeps a team of worker threads per thread that starts parallel work: once a second
+    thread had computed, every later token in the process was ~15% slower (measured 2026-11-28 on 2 cores,
+    Phi-3.5-mini-shaped Q4_K_M). It also lets llama.cpp decode ahead of the web server, which spends a few ms of
+    Python on each streamed update. Several engines may be live at once (tests do that; the Space keeps one).
+    """
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.jobs: deque = deque()  # (future, fn, args, kwargs)
+        self.engines: list[Engine] = []
+        self.thread: threading.Thread | None = None
+
+    def call(self, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) in the llama.cpp thread and return its result (from any other thread)."""
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="llama", daemon=True)
+                self.thread.start()
+            self.jobs.append((future, fn, args, kwargs))
+            self.cond.notify_all()
+        return future.result()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs and not any(e.has_work() for e in self.engines):
+                    self.cond.wait()
+                jobs, self.jobs = list(self.jobs), deque()
+            for future, fn, args, kwargs in jobs:
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # handed to the caller
+                    future.set_exception(err)
+            for engine in list(self.engines):
+                engine.tick()
+
+
+LLAMA_THREAD = LlamaThread()
+
+KV_TYPES = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}  # name -> (ggml type, bytes per element)
+PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-python's default)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int = -1  # -1: a fresh seed for this answer
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before anything else
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    evaluated: int = 0  # prompt tokens llama.cpp computed for this answer; the others came from the cache
+    generated: list[int] = field(default_factory=list)  # every sampled token but an end-of-generation one
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    reason: str = ""  # stop | length | cancelled | error
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.generated)
+        if n < 2 or not self.first_token_at or not self.finished_at or self.finished_at <= self.first_token_at:
+            return 0.0
+        return (n - 1) / (self.finished_at - self.first_token_at)
+
+
+class EngineError(Exception):
+    """An answer the engine had to end; the message is for the visitor."""
+
+
+_END = object()
+
+
+class Request:
+    """One answer: prompt ids in; text pieces, then the end, out. Closing its stream cancels it."""
+
+    def __init__(self, ids: list[int], max_tokens: int, sampling: Sampling = Sampling(), stop=(),
+                 record_logits: bool = False):
+        self.ids = [int(t) for t in ids]
+        self.logits: list | None = [] if record_logits else None  # each sampled position's logits (numpy), for tests
+        self.max_tokens = max_tokens  # 0: evaluate the prompt only (a warm-up)
+        self.sampling = sampling
+        self.stop = tuple(s for s in stop if s)
+        self.stats = Stats(prompt_tokens=len(self.ids))
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.text = ""  # what was streamed
+        self.engine: Engine | None = None
+
+    def cancel(self) -> None:
+        if not self.done.is_set():
+            self.cancelled.set()
+            if self.engine is not None:
+                self.engine.wake()
+
+    def stream(self, pace: float = 0.0):
+        """Yield the answer's text as it comes: everything decoded since the previous yield. With `pace`, wait that
+        long after each yield (the engine decodes on meanwhile) so that a slow consumer gets few, larger updates.
+        Closing the generator cancels the answer; an answer the engine had to end raises EngineError."""
+        try:
+            while True:
+                items = [self.events.get()]
+                while True:
+                    try:
+                        items.append(self.events.get_nowait())
+                    except queue.Empty:
+                        break
+                text = "".join(item for item in items if isinstance(item, str))
+                if text:
+                    yield text
+                    if pace:
+                        self.done.wait(pace)
+                if _END in items:
+                    if self.error:
+                        raise EngineError(self.error)
+                    return
+        finally:
+            self.cancel()
+
+
+@dataclass
+class Slot:
+    seq: int
+    cells: list[int] = field(default_factory=list)  # tokens whose K/V this sequence holds, at positions 0..n-1
+    request: Request | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    next_token: int | None = None  # sampled, evaluated at the next step
+    chain: object = None  # llama_sampler chain
+    decoder: object = None  # incremental UTF-8 decoder
+    held: str = ""  # text held back: it may be the start of a stop string
+    used_at: float = 0.0
+    admitted: int = 0  # admission order, for chunked prefill first come first served
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def quiet_llama_log() -> None:
+    """llama.cpp logs every tensor and buffer it sets up at INFO; keep its warnings and errors only (unless someone
+    configured the `llama-cpp-python` logger already)."""
+    import logging
+
+    from llama_cpp import _logger
+
+    if _logger.logger.level == logging.NOTSET:
+        _logger.logger.setLevel(logging.WARNING)
+
+
+def kv_bytes_per_token(model, kv_type: str) -> int:
+    """K and V of one token in every layer (llama_model pointer)."""
+    import llama_cpp
+
+    n_embd_kv = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+    n_embd_kv *= llama_cpp.llama_model_n_head_kv(model)
+    return int(2 * llama_cpp.llama_model_n_layer(model) * n_embd_kv * KV_TYPES[kv_type][1])
+
+
+class Engine:
+    """One model, one context, `parallel` slots; stepped by LLAMA_THREAD."""
+
+    def __init__(self, path: str | Path, *, n_ctx: int, parallel: int = 4, n_batch: int = 512, n_threads: int = 1,
+                 n_threads_batch: int = 1, kv_type: str = "f16", prefill_chunk: int = 64, kv_cells: int | None = None):
+        if kv_type not in KV_TYPES:
+            raise ConfigError(f"KV_CACHE_TYPE={kv_type!r} is unknown; use one of {', '.join(KV_TYPES)}.")
+        self.path = Path(path)
+        self.n_ctx, self.parallel, self.n_batch = n_ctx, parallel, n_batch
+        self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
+        self.kv_type, self.prefill_chunk = kv_type, max(1, min(prefill_chunk, n_batch))
+        self.kv_cells = kv_cells or n_ctx * parallel  # each chat may fill its n_ctx while all others do too
+        self.slots = [Slot(seq) for seq in range(parallel)]
+        self.waiting: list[Request] = []  # submitted, not yet in a slot
+        self.incoming: list[Request] = []
+        self.admissions = 0
+        self.steps = 0  # llama_decode calls, for tests and benchmarks
+        self.trace: deque[tuple[int, int]] = deque(maxlen=4096)  # (tokens answering, prompt tokens) of recent steps
+        self.model = self.ctx = self.batch = self.vocab = None
+        self.kv_bytes = 0
+
+    # -- life cycle ------------------------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Load the model and create the context in the llama.cpp thread, which then steps this engine with the others
+        it serves; returns once loaded (ConfigError if it cannot load)."""
+        LLAMA_THREAD.call(self._load)
+        with LLAMA_THREAD.cond:
+            LLAMA_THREAD.engines.append(self)
+        return self
+
+    def close(self) -> None:
+        """End what is running (with a notice), free the context and the weights."""
+        with LLAMA_THREAD.cond:
+            if self not in LLAMA_THREAD.engines:
+                return
+            LLAMA_THREAD.engines.remove(self)
+        LLAMA_THREAD.call(self._free)
+
+    def wake(self) -> None:
+        LLAMA_THREAD.wake()
+
+    def submit(self, request: Request) -> Request:
+        request.engine = self
+        with LLAMA_THREAD.cond:
+            if self not in LLAMA_THREAD.engines:
+                raise Busy("The model is being switched; please send your message again.")
+            self.incoming.append(request)
+            LLAMA_THREAD.cond.notify_all()
+        return request
+
+    def _load(self) -> None:
+        import llama_cpp
+        from llama_cpp._internals import LlamaModel
+
+        from .prompt import Vocab
+
+        quiet_llama_log()
+        try:
+            self.model = LlamaModel(path_model=str(self.path), params=llama_cpp.llama_model_default_params(),
+                                    verbose=False)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise ConfigError(f"{self.path.name} could not be loaded by llama.cpp (truncated or damaged?): {err}")
+        self.vocab = Vocab(self.model)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.kv_cells
+        params.n_seq_max = self.parallel
+        params.kv_unified = True  # one pool of cells: shared prefixes are stored once, any chat may use any cell
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_threads, params.n_threads_batch = self.n_threads, self.n_threads_batch
+        # Fused attention on the CPU too: +7% decode on the full-size model here; a quantized V cache needs it.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_k = params.type_v = KV_TYPES[self.kv_type][0]
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model.model, params)
+        if not self.ctx:
+            self.model.close()
+            raise ConfigError(f"llama.cpp could not create a context of {self.kv_cells} tokens for {self.path.name}: "
+                              "lower N_CTX or PARALLEL.")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.kv_bytes = kv_bytes_per_token(self.model.model, self.kv_type) * self.kv_cells
+
+    def _free(self) -> None:
+        import llama_cpp
+
+        gone = "The model was unloaded; please send your message again."
+        for slot in self.slots:
+            if slot.request is not None:
+                self._finish(slot, "error", gone)
+        for request in self.waiting + self.incoming:
+            self._end(request, "error", gone)
+        self.waiting, self.incoming = [], []
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        self.model.close()
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(slot.request is not None for slot in self.slots)
+
+    def has_work(self) -> bool:  # called holding LLAMA_THREAD.cond
+        return bool(self.incoming) or self.busy()
+
+    def tick(self) -> None:
+        """One round in the llama.cpp thread: take new requests, drop cancelled ones, seat waiters, decode one step."""
+        with LLAMA_THREAD.cond:
+            self.waiting += self.incoming
+            self.incoming = []
+        for slot in self.slots:
+            if slot.request is not None and slot.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+        for request in [r for r in self.waiting if r.cancelled.is_set()]:
+            self.waiting.remove(request)
+            self._end(request, "cancelled")
+        while self.waiting and any(slot.request is None for slot in self.slots):
+            self._admit(self.waiting.pop(0))
+        if any(slot.request is not None for slot in self.slots):
+            self._step()
+
+    def _admit(self, request: Request) -> None:
+        import llama_cpp
+
+        ids = request.ids
+        if not ids or len(ids) >= self.n_ctx:
+            self._end(request, "error", f"The prompt has {len(ids)} tokens; this model's context holds {self.n_ctx}.")
+            return
+        idle = [slot for slot in self.slots if slot.request is None]
+        # A chat's next turn continues the cells it left (nothing of anyone else's is lost). Any other chat takes an
+        # empty slot or else the least recently used one, and copies what it shares with any slot (the system prompt).
+        continuing = [s for s in idle if s.cells and common_prefix(s.cells, ids) == len(s.cells)]
+        if continuing:
+            slot = max(continuing, key=lambda s: len(s.cells))
+        else:
+            slot = min(idle, key=lambda s: (bool(s.cells), s.used_at))
+        keep = common_prefix(slot.cells, ids)
+        donor = max(self.slots, key=lambda s: common_prefix(s.cells, ids))
+        if donor is not slot and common_prefix(donor.cells, ids) > keep:
+            keep = common_prefix(donor.cells, ids)
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, 0, keep)
+            slot.cells = donor.cells[:keep]
+        keep = min(keep, len(ids) - 1)  # the last prompt token is always evaluated: its logits start the answer
+        if keep < len(slot.cells) and not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            keep = 0
+        slot.cells = slot.cells[:keep]
+        slot.request, slot.todo, slot.next_token, slot.held = request, ids[keep:], None, ""
+        slot.chain = self._sampler(request.sampling)
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.admissions += 1
+        slot.admitted = self.admissions
+        request.stats.admitted_at = time.perf_counter()
+
+    def _sampler(self, s: Sampling):
+        """llama-cpp-python's chain, in its order: (logit bias,) penalties, top-k, typical, top-p, min-p, temperature,
+        draw."""
+        import llama_cpp as ll
+
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = lambda sampler: ll.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if s.logit_bias:
+            biases = (ll.llama_logit_bias * len(s.logit_bias))(*(ll.llama_logit_bias(t, b) for t, b in s.logit_bias))
+            add(ll.llama_sampler_init_logit_bias(self.vocab.n_tokens, len(biases), biases))
+        add(ll.llama_sampler_init_penalties(self.vocab.n_tokens, PENALTY_LAST_N, s.repeat_penalty,
+                                            s.frequency_penalty, s.presence_penalty))
+        if s.temperature <= 0:
+            add(ll.llama_sampler_init_greedy())
+            return chain
+        add(ll.llama_sampler_init_top_k(s.top_k))
+        add(ll.llama_sampler_init_typical(s.typical_p, 1))
+        add(ll.llama_sampler_init_top_p(s.top_p, 1))
+        add(ll.llama_sampler_init_min_p(s.min_p, 1))
+        add(ll.llama_sampler_init_temp(s.temperature))
+        add(ll.llama_sampler_init_dist(s.seed if s.seed >= 0 else random.getrandbits(32)))
+        return chain
+
+    def _step(self) -> None:
+        import llama_cpp
+
+        batch, n = self.batch, 0
+        rows: dict[int, Slot] = {}  # logits row -> slot
+        evaluated: list[tuple[Slot, list[int]]] = []  # (slot, its tokens in this batch)
+
+        def add(slot: Slot, tokens: list[int], logits_last: bool) -> None:
+            nonlocal n
+            start = len(slot.cells)
+            for j, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + j, 1
+                batch.seq_id[n][0] = slot.seq
+                batch.logits[n] = logits_last and j == len(tokens) - 1
+                if batch.logits[n]:
+                    rows[n] = slot
+                n += 1
+            evaluated.append((slot, tokens))
+
+        for slot in self.slots:
+            if slot.request is not None and slot.next_token is not None:
+                add(slot, [slot.next_token], True)
+        # While others are answering, a new prompt goes in bounded chunks; alone, as fast as a batch allows.
+        budget = (min(self.prefill_chunk, self.n_batch - n) if n else self.n_batch)
+        for slot in sorted((s for s in self.slots if s.request is not None and s.todo), key=lambda s: s.admitted):
+            if budget <= 0:
+                break
+            chunk = slot.todo[:budget]
+            budget -= len(chunk)
+            add(slot, chunk, len(chunk) == len(slot.todo) and slot.request.max_tokens > 0)
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        self.steps += 1
+        answering = sum(1 for slot, _ in evaluated if slot.next_token is not None)
+        self.trace.append((answering, n - answering))
+        if rc != 0:
+            for slot, _ in evaluated:  # whatever part of the batch did land is not ours to keep
+                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, len(slot.cells), -1)
+            self._no_room(evaluated) if rc == 1 else self._failed(evaluated, rc)
+            return
+        for slot, tokens in evaluated:
+            slot.cells += tokens
+            if slot.next_token is not None:  # a slot that is answering evaluates its last sampled token, nothing else
+                slot.next_token = None
+            else:
+                del slot.todo[: len(tokens)]
+                slot.request.stats.evaluated += len(tokens)
+                if not slot.todo and slot.request.max_tokens == 0:
+                    self._finish(slot, "length")
+        for row, slot in rows.items():
+            if slot.request.logits is not None:
+                import numpy as np
+
+                logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
+                slot.request.logits.append(np.ctypeslib.as_array(logits, shape=(self.vocab.n_tokens,)).copy())
+            self._sampled(slot, llama_cpp.llama_sampler_sample(slot.chain, self.ctx, row))
+
+    def _no_room(self, evaluated) -> None:
+        """llama.cpp found no free cells for the batch: evict an idle slot's cells, else end the newest chat."""
+        import llama_cpp
+
+        idle = [s for s in self.slots if s.request is None and s.cells]
+        if idle:
+            victim = min(idle, key=lambda s: s.used_at)
+            llama_cpp.llama_memory_seq_rm(self.mem, victim.seq, -1, -1)
+            victim.cells = []
+            return
+        newest = max((slot for slot, _ in evaluated), key=lambda s: s.admitted)
+        self._finish(newest, "error", "The model's memory is full right now; please try again in a minute.")
+
+    def _failed(self, evaluated, rc: int) -> None:
+        for slot, _ in evaluated:
+            if slot.request is not None:
+                self._finish(slot, "error", f"llama.cpp could not compute this answer (llama_decode returned {rc}).")
+
+    def _sampled(self, slot: Slot, token: int) -> None:
+        request, stats = slot.request, slot.request.stats
+        now = time.perf_counter()
+        if stats.first_token_at is None:
+            stats.first_token_at = now
+        if self.vocab.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        stats.generated.append(token)
+        if self._emit(slot, slot.decoder.decode(self.vocab.piece(token))):
+            self._finish(slot, "stop")
+        elif len(stats.generated) >= request.max_tokens or len(slot.cells) >= self.n_ctx:
+            self._finish(slot, "length")  # this last token was sampled and streamed, never evaluated
+        else:
+            slot.next_token = token
+
+    def _emit(self, slot: Slot, text: str) -> bool:
+        """Stream `text`, holding back what could be the start of a stop string; True when a stop string ended it."""
+        request = slot.request
+        slot.held += text
+        out, stopped = slot.held, False
+        hits = [i for i in (slot.held.find(s) for s in request.stop) if i >= 0]
+        if hits:
+            out, stopped = slot.held[: min(hits)], True
+        else:
+            hold = max((k for s in request.stop for k in range(1, len(s)) if slot.held.endswith(s[:k])), default=0)
+            out = slot.held[: len(slot.held) - hold]
+        slot.held = slot.held[len(out):] if not stopped else ""
+        if out:
+            request.text += out
+            request.events.put(out)
+        return stopped
+
+    def _finish(self, slot: Slot, reason: str, error: str | None = None) -> None:
+        import llama_cpp
+
+        request = slot.request
+        if reason in ("length", "stop") and slot.held:  # it ended inside what looked like a stop string: it was not one
+            request.text += slot.held
+            request.events.put(slot.held)
+        if reason in ("cancelled", "error"):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)  # Stop frees the chat's cells at once
+            slot.cells = []
+        llama_cpp.llama_sampler_free(slot.chain)
+        slot.chain = slot.decoder = slot.request = slot.next_token = None
+        slot.todo, slot.held, slot.used_at = [], "", time.perf_counter()
+        self._end(request, reason, error)
+
+    def _end(self, request: Request, reason: str, error: str | None = None) -> None:
+        request.stats.reason = reason
+        request.stats.finished_at = time.perf_counter()
+        request.error = error
+        request.events.put(_END)
+        request.done.set()
+
+
+class WaitingLine:
+    """First come, first served seats at the engine: `capacity` chats answered at once, up to `max_waiting` more in line.
+
+    Gradio's own queue would also hold requests back, but when full it answers with an error; here a request that
+    finds the line full gets a plain "try again" reply, and waiters see their place. A seat is also tied to a key
+    (the model): a chat for another model waits until the current one's chats are done, since one model is in memory.
+    """
+
+    def __init__(self, max_waiting: int, capacity: int = 1):
+        self.max_waiting, self.capacity = max_waiting, capacity
+        self.holders: dict[object, object] = {}  # ticket -> key
+        self.waiting: list[tuple[object, object]] = []  # (ticket, key), first in line first
+        self.changed = threading.Condition()
+
+    def _fits(self, key) -> bool:
+        return len(self.holders) < self.capacity and all(k == key for k in self.holders.values())
+
+    def wait(self, ticket: object, key: object = None):
+        """Join the line; yields how many chats must finish before ours starts (about once a second) and returns when
+        it has a seat. The caller must call leave(ticket) afterwards, also when it stops early."""
+        with self.changed:
+            if not self.waiting and self._fits(key):
+                self.holders[ticket] = key
+                return
+            if len(self.waiting) >= self.max_waiting:
+                raise Busy(f"The Space is busy: {len(self.waiting)} chats are already waiting. "
+                           "Please try again in a minute.")
+            self.waiting.append((ticket, key))
+        while True:
+            with self.changed:
+                if self._take(ticket, key):
+                    return
+                self.changed.wait(timeout=1.0)
+                if self._take(ticket, key):
+                    return
+                ahead = 1 + next(i for i, (t, _) in enumerate(self.waiting) if t is ticket)
+            # Yielding regularly also lets a Stop or a disconnect end a request that is still waiting.
+            yield ahead
+
+    def _take(self, ticket: object, key) -> bool:
+        if self.waiting[0][0] is ticket and self._fits(key):
+            self.waiting.pop(0)
+            self.holders[ticket] = key
+            self.changed.notify_all()
+            return True
+        return False
+
+    def leave(self, ticket: object) -> None:
+        with self.changed:
+            self.holders.pop(ticket, None)
+            self.waiting = [(t, k) for t, k in self.waiting if t is not ticket]
+            self.changed.notify_all()
