@@ -23,6 +23,7 @@ from ggufchat.backends import Done, EngineSettings, ModelStore, answer
 from ggufchat.cpu_backend import load_cpu_backend
 from ggufchat.engine import KV_TYPES, EngineError, WaitingLine  # noqa: F401 - WaitingLine: tests use it from here
 from ggufchat.errors import BadRequest, Busy, ConfigError
+from ggufchat.feedback import Feedback
 from ggufchat.files import ModelSpec, fetch_model_files
 from ggufchat.prompt import (  # noqa: F401 - the tests reach the prompt machinery through app
     CLOSE,
@@ -257,6 +258,7 @@ def respond(message, history, model_label, system_message, max_tokens, temperatu
 # ----------------------------------------------------------------------------------------------------------------------
 
 STORE: ModelStore  # set by main()
+FEEDBACK: Feedback
 
 EXAMPLES = [
     "Explain QLoRA to a software engineer in three sentences.",
@@ -273,27 +275,64 @@ def lenient(component):
     return component
 
 
-def build_ui(labels: list[str]) -> gr.ChatInterface:
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+QUANT = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)(?=[-_.])")
+
+
+def describe(label) -> str:
+    """The info line for a dropdown entry: what file is served, from where, how it is prompted."""
+    label = text_of(label)
+    if label not in STORE.specs:
+        return ""
+    spec, path = STORE.specs[label], STORE.paths[label]
+    source = f"`{spec.repo}` · `{spec.filename}`" if spec.repo else f"`{path.name}` (local file)"
+    quant = QUANT.search(path.name)
+    about = STORE.about(label)
+    ours = " · built by this Space's `build/run.py` (QLoRA on oasst1)" if "oasst1" in about["name"].lower() else ""
+    return (f"**{about['name']}**{ours}  \n{source}{f' · {quant[1].upper()}' if quant else ''} · prompt format "
+            f"`{about['format']}` · context {STORE.settings.n_ctx} tokens · {STORE.settings.parallel} chats at once, "
+            "on CPU with llama.cpp")
+
+
+def record_feedback(data: gr.LikeData, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty):
+    index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+    settings = {"model": text_of(model), "system": text_of(system), "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": top_p, "top_k": top_k, "repeat_penalty": repeat_penalty}
+    history = [{"role": m.get("role"), "content": text_of(m.get("content"))} for m in history or [] if isinstance(m, dict)]
+    FEEDBACK.record(bool(data.liked), int(index), history, settings)
+
+
+def build_ui(labels: list[str]) -> gr.Blocks:
     slider = {name: dict(minimum=low, maximum=high, value=default) for name, (low, high, default) in LIMITS.items()}
-    return gr.ChatInterface(
-        respond,
-        title="Phi-3.5-mini · OpenAssistant chat",
-        description="QLoRA fine-tune of Phi-3.5-mini-instruct on oasst1, running on CPU with llama.cpp.",
-        chatbot=gr.Chatbot(height=520, buttons=["copy"]),
-        additional_inputs=[
-            lenient(gr.Dropdown(labels, value=labels[0], label="Model")),
-            gr.Textbox(SYSTEM_MESSAGE, label="System message"),
-            lenient(gr.Slider(**slider["max_tokens"], step=1, label="Max tokens")),
-            lenient(gr.Slider(**slider["temperature"], step=0.1, label="Temperature")),
-            lenient(gr.Slider(**slider["top_p"], step=0.05, label="Top-p")),
-            lenient(gr.Slider(**slider["top_k"], step=1, label="Top-k")),
-            lenient(gr.Slider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty")),
-        ],
-        examples=[[e] for e in EXAMPLES],
-        cache_examples=False,
-        api_name="chat",
-        concurrency_limit=None,  # requests go straight to respond(), whose WaitingLine seats and bounds them
-    )
+    dropdown = lenient(gr.Dropdown(labels, value=labels[0], label="Model"))
+    inputs = [
+        dropdown,
+        gr.Textbox(SYSTEM_MESSAGE, label="System message"),
+        lenient(gr.Slider(**slider["max_tokens"], step=1, label="Max tokens")),
+        lenient(gr.Slider(**slider["temperature"], step=0.1, label="Temperature")),
+        lenient(gr.Slider(**slider["top_p"], step=0.05, label="Top-p")),
+        lenient(gr.Slider(**slider["top_k"], step=1, label="Top-k")),
+        lenient(gr.Slider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty")),
+    ]
+    chatbot = gr.Chatbot(height=520, buttons=["copy", "copy_all", "share"], latex_delimiters=LATEX,
+                         feedback_options=("Like", "Dislike"))
+    with gr.Blocks(title="OpenAssistant chat · llama.cpp") as demo:
+        info = gr.Markdown(describe(labels[0]))
+        gr.ChatInterface(
+            respond,
+            chatbot=chatbot,
+            additional_inputs=inputs,
+            examples=[[e] for e in EXAMPLES],
+            cache_examples=False,
+            api_name="chat",
+            concurrency_limit=None,  # requests go straight to respond(), whose WaitingLine seats and bounds them
+            save_history=True,  # past chats in the browser's local storage, listed beside the chat
+            editable=True,  # edit a message to regenerate from it; its unchanged prefix still comes from the cache
+        )
+        dropdown.change(describe, dropdown, info, api_visibility="undocumented")
+        chatbot.like(record_feedback, [chatbot, *inputs], None, api_visibility="undocumented")
+    return demo
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -313,7 +352,7 @@ def serving_line(store: ModelStore, settings: Settings, cpu: str) -> str:
 
 
 def main() -> None:
-    global STORE
+    global STORE, FEEDBACK
     try:
         settings = Settings.from_env()
         catalog = catalog_from_env()
@@ -337,6 +376,8 @@ def main() -> None:
     except ConfigError as err:
         print(f"warning: {err}", file=sys.stderr)
     print(serving_line(STORE, settings, cpu), flush=True)
+    FEEDBACK = Feedback(os.environ.get("FEEDBACK_DIR", "feedback"), os.environ.get("FEEDBACK_REPO") or None,
+                        settings.hf_token)
     demo = build_ui(STORE.labels)
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
     demo.queue(max_size=4 * (settings.queue_size + settings.parallel) + 16)

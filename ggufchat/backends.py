@@ -170,12 +170,29 @@ class ModelStore:
         self.broken: dict[str, str] = {}  # label -> why it cannot load; the other models keep serving
         self.checked: set[Path] = set()  # files already hashed: switching models back does not re-read GBs
         self.current: LoadedModel | None = None
+        self.abouts: dict[str, dict] = {}
         self.line = WaitingLine(queue_size, settings.parallel)
         self.lock = threading.Lock()
 
     @property
     def labels(self) -> list[str]:
         return list(self.specs)
+
+    def about(self, label: str) -> dict:
+        """The served file's own name (GGUF general.name) and prompt format, read once from its metadata."""
+        if label not in self.abouts:
+            from .prompt import Vocab
+
+            spec, fmt, name = self.specs[label], self.specs[label].prompt_format, Path(self.paths[label]).stem
+            try:
+                meta = Vocab.load(self.paths[label]).metadata
+                name = meta.get("general.name", name)
+                if fmt == "auto":
+                    fmt = detect_prompt_format(meta.get("tokenizer.chat_template"), spec.filename)
+            except (ValueError, OSError, ConfigError):
+                fmt = f"{fmt} (unreadable file)"
+            self.abouts[label] = {"name": name, "format": fmt}
+        return self.abouts[label]
 
     def check(self, label: str) -> None:
         """ConfigError (a message for the chat) for a label that cannot be served, before it waits in line."""

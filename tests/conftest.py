@@ -142,7 +142,7 @@ class FakeHfApi:
 @pytest.fixture(scope="session", autouse=True)
 def llama_cpu_backend() -> str:
     """In-process models need llama.cpp's CPU variant registered first, as app.py and the build do."""
-    from app import load_cpu_backend
+    from ggufchat.cpu_backend import load_cpu_backend
 
     return load_cpu_backend()
 

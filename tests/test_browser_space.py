@@ -1,0 +1,71 @@
+"""The Space's chat features in a real browser (Playwright driving Debian's Chromium): Markdown and LaTeX render,
+Like writes a feedback row with the conversation and settings, an edited message is answered again from the cache,
+and past chats are kept in the browser. Screenshots land in tests/artifacts/browser/."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+
+from serving import app_server
+from test_browser import bot_messages, browser, open_page, send, shot, wait_for_answer  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_gguf):
+    root = tmp_path_factory.mktemp("space")
+    env = {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "2048", "SEED": "7", "FEEDBACK_DIR": str(root / "feedback")}
+    with app_server(root, env) as server:
+        server.feedback = root / "feedback" / "feedback.csv"
+        yield server
+
+
+def test_markdown_latex_like_edit_and_saved_chats(server, browser):  # noqa: F811 - the browser fixture
+    page = open_page(browser, server.url)
+    # 1. A message with a code block and formulas in three notations: rendered, not shown as source.
+    send(page, "Explain this code:\n```python\nprint(2 ** 10)\n```\nand the formulas $e^{i\\pi}+1=0$ and \\(a^2+b^2=c^2\\).")
+    wait_for_answer(page, 1)
+    user = page.get_by_test_id("user").first
+    assert user.locator("pre code").count() == 1
+    assert user.locator(".katex").count() >= 2
+    shot(page, "08-markdown-latex")
+
+    # 2. Like the answer: one CSV row with the conversation and the settings it was made with.
+    page.get_by_test_id("bot").first.hover()
+    page.get_by_label("Like", exact=True).first.click()
+    page.wait_for_function("() => true")
+    for _ in range(50):
+        if server.feedback.exists() and server.feedback.read_text().count("\n") >= 2:
+            break
+        page.wait_for_timeout(100)
+    (row,) = csv.DictReader(open(server.feedback, encoding="utf-8"))
+    assert row["feedback"] == "like" and row["model"] and row["max_tokens"] and "print(2 ** 10)" in row["conversation"]
+    shot(page, "09-liked")
+
+    # 3. Edit the message: answered again; the part of the prompt that did not change comes from the cache.
+    before = bot_messages(page).first.inner_text()
+    page.get_by_test_id("user").first.hover()
+    page.get_by_label("Edit", exact=True).first.click()
+    editor = page.locator("textarea:not([data-testid=textbox])").first  # the message, now editable in place
+    editor.fill("Say hello in French.")
+    page.get_by_label("Submit", exact=True).first.click()
+    page.wait_for_function("old => { const m = document.querySelectorAll('[data-testid=bot]');"
+                           " return m.length === 1 && m[0].innerText.includes('tokens/s') && m[0].innerText !== old; }",
+                           arg=before, timeout=60_000)
+    assert "print" not in page.get_by_test_id("user").first.inner_text()
+    answer = bot_messages(page).first.inner_text()
+    stats = re.search(r"prompt (\d+) of (\d+) tokens evaluated", answer)
+    assert stats, answer
+    assert int(stats[1]) < int(stats[2])  # the system prompt and template were reused
+    shot(page, "10-edited")
+
+    # 4. Past chats are kept in the browser: a new chat, and the previous one is listed to go back to.
+    page.get_by_role("button", name=re.compile("New chat", re.I)).first.click()
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=bot]').length === 0")
+    assert page.get_by_text("Say hello in French").count() >= 1  # the saved chat's title in the side panel
+    shot(page, "11-saved-chats")
+    page.close()
