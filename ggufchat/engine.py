@@ -197,15 +197,32 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+_LOG_CALLBACK = None  # referenced for as long as llama.cpp may call it
+
+
 def quiet_llama_log() -> None:
-    """llama.cpp logs every tensor and buffer it sets up at INFO; keep its warnings and errors only (unless someone
-    configured the `llama-cpp-python` logger already)."""
-    import logging
+    """Let through llama.cpp's warnings and errors only: at INFO it logs every tensor and buffer it sets up.
 
-    from llama_cpp import _logger
+    llama-cpp-python's own log filter maps ggml's levels by an older numbering (INFO became 2, WARN 3, ERROR 4), so
+    at any threshold it either prints every INFO line or drops the errors; this callback reads today's numbers."""
+    import ctypes
+    import sys
 
-    if _logger.logger.level == logging.NOTSET:
-        _logger.logger.setLevel(logging.WARNING)
+    import llama_cpp
+
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    warn, cont, shown = 3, 5, [False]  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, _user_data):
+        shown[0] = shown[0] if level == cont else level >= warn
+        if shown[0]:
+            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def kv_bytes_per_token(model, kv_type: str) -> int:
