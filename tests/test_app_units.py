@@ -223,3 +223,39 @@ def test_the_waiting_line_hands_the_turn_on_when_its_holder_leaves():
     line.leave(first)
     assert got_turn.wait(30), "the second request did not get the turn after the first left"
     waiter.join(30)
+
+
+# --- Settings ----------------------------------------------------------------------------------------------------------
+
+SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN")
+
+
+def test_settings_defaults_are_readmes(monkeypatch):
+    import os
+
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert app.Settings.from_env() == app.Settings(n_ctx=4096, n_threads=cpus, n_threads_batch=cpus, n_batch=512,
+                                                   queue_size=16, seed=-1, verify_sha256=True, hf_token=None)
+
+
+def test_settings_are_read_from_the_environment(monkeypatch):
+    values = {"N_CTX": "1024", "N_THREADS": "3", "N_THREADS_BATCH": "5", "N_BATCH": "64", "QUEUE_SIZE": "2",
+              "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert app.Settings.from_env() == app.Settings(n_ctx=1024, n_threads=3, n_threads_batch=5, n_batch=64,
+                                                   queue_size=2, seed=7, verify_sha256=False, hf_token="hf_example")
+
+
+def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
+    """N_CTX, N_THREADS, N_THREADS_BATCH and N_BATCH reach llama.cpp."""
+    settings = app.Settings(n_ctx=768, n_threads=1, n_threads_batch=2, n_batch=96, queue_size=1, seed=3,
+                            verify_sha256=True, hf_token=None)
+    store = app.ModelStore([app.ModelSpec("m", str(smollm2_gguf))], {"m": smollm2_gguf}, settings)
+    try:
+        llm = store.get("m").llm
+        assert (llm.n_ctx(), llm.n_threads, llm.n_threads_batch, llm.n_batch) == (768, 1, 2, 96)
+    finally:
+        store.unload()

@@ -181,3 +181,16 @@ def test_phone_width(server, browser):
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "07-phone")
     page.close()
+
+
+def test_closing_the_tab_stops_generation(server, browser):
+    """README: closing the tab ends generation, like Stop."""
+    stops = server.output().count("stopped:")
+    page = open_page(browser, server.url)
+    send(page, "Write a long story about a dragon who learns to read. Make it at least 800 words.")
+    page.wait_for_function(
+        "() => { const m = document.querySelector('[data-testid=bot]'); return m && m.innerText.length > 20; }"
+    )
+    assert "tokens/s" not in bot_messages(page).first.inner_text()
+    page.close()
+    wait_until(lambda: server.output().count("stopped:") > stops, "the server's line for the abandoned answer")
