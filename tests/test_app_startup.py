@@ -61,10 +61,7 @@ def test_serves_from_the_hf_cache_when_the_hub_is_unreachable(tmp_path, smollm2_
         "MODEL_FILES": "smol.Q4_1.gguf",
     }
     with app_server(tmp_path, env) as server:
-        answer = server.client().predict(
-            "Hi", f"{REPO.split('/')[1]}/smol.Q4_1.gguf", "You are a helpful assistant.", 8, 0.7, 0.95, 40, 1.1,
-            api_name="/chat",
-        )
+        answer = ask(server, f"{NAME}/smol.Q4_1.gguf", system="You are a helpful assistant.")
         assert "tokens/s" in answer
 
 
@@ -72,9 +69,7 @@ def test_offline_mode_uses_the_cache_too(tmp_path, smollm2_gguf):
     cache = populate_cache(tmp_path / "hub", {"smol.Q4_1.gguf": smollm2_gguf})
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MODEL_REPO": REPO, "MODEL_FILES": "smol.Q4_1.gguf"}
     with app_server(tmp_path, env) as server:
-        answer = server.client().predict(
-            "Hi", f"{REPO.split('/')[1]}/smol.Q4_1.gguf", "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat"
-        )
+        answer = ask(server, f"{NAME}/smol.Q4_1.gguf")
         assert "tokens/s" in answer
 
 
@@ -104,13 +99,12 @@ def test_corrupt_download_is_refused_and_the_other_model_keeps_serving(tmp_path,
     cache = populate_cache(tmp_path / "hub", files, corrupt=("bad.gguf",))
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MODEL_REPO": REPO, "MODEL_FILES": "bad.gguf,good.gguf"}
     with app_server(tmp_path, env) as server:
-        client, name = server.client(), REPO.split("/")[1]
-        answer = client.predict("Hi", f"{name}/bad.gguf", "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        answer = ask(server, f"{NAME}/bad.gguf")
         assert "bad.gguf is corrupt: its sha256 does not match the Hub's" in answer
-        answer = client.predict("Hi", f"{name}/good.gguf", "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        answer = ask(server, f"{NAME}/good.gguf")
         assert "tokens/s" in answer
-        # Asking again does not re-hash: the verdict is remembered.
-        answer = client.predict("Hi", f"{name}/bad.gguf", "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        # Asking again gets the same notice (the verdict is kept: the file is not loaded).
+        answer = ask(server, f"{NAME}/bad.gguf")
         assert "is corrupt" in answer
 
 
