@@ -30,7 +30,7 @@ MESSAGE = "One more: the capital of Spain?"
 STATS_LINE = "\n\n<sub>12 tokens · 40.1 tokens/s · prompt 9 of 80 tokens evaluated</sub>"
 
 
-# --- clamp_number ------------------------------------------------------------------------------------------------------
+# --- clamp_number -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(app.LIMITS))
@@ -60,7 +60,7 @@ def test_clamp_number_refuses_what_is_not_a_number(value, says):
         app.clamp_number("temperature", value)
 
 
-# --- fit_history -------------------------------------------------------------------------------------------------------
+# --- fit_history ------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_fit_history_refuses_a_message_that_cannot_fit_alone(smollm2_vocab):
         app.fit_history(smollm2_vocab, SYSTEM, PAST, MESSAGE, 8, n_ctx)
 
 
-# --- history_messages --------------------------------------------------------------------------------------------------
+# --- history_messages -------------------------------------------------------------------------------------------------
 
 
 def test_history_messages_drops_notices_with_the_message_they_answered():
@@ -156,7 +156,7 @@ def test_history_messages_strips_the_stats_line_and_reads_ui_content_parts():
 
 
 def test_history_messages_only_strips_a_stats_line_at_the_end():
-    text = "Here is how the line looks:\n\n<sub>12 tokens · 40.1 tokens/s · prompt 9 of 80 tokens evaluated</sub>\n\nOK?"
+    text = "Here is how the line looks:" + STATS_LINE + "\n\nOK?"
     history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]
     assert app.history_messages(history)[1]["content"] == text
 
@@ -177,7 +177,7 @@ def test_history_messages_skips_odd_items_and_merges_split_answers():
     ]
 
 
-# --- WaitingLine -------------------------------------------------------------------------------------------------------
+# --- WaitingLine ------------------------------------------------------------------------------------------------------
 
 
 def test_the_waiting_line_admits_exactly_queue_size_and_tells_each_its_place():
@@ -225,7 +225,7 @@ def test_the_waiting_line_hands_the_turn_on_when_its_holder_leaves():
     waiter.join(30)
 
 
-# --- Settings ----------------------------------------------------------------------------------------------------------
+# --- Settings ---------------------------------------------------------------------------------------------------------
 
 SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN")
 

@@ -35,7 +35,7 @@ def server(tmp_path_factory, smollm2_gguf, tiny_phi3_gguf):
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        why = "Debian's chromium is not installed (tests/setup.sh installs it as root; else: sudo apt-get install chromium)"
+        why = "Debian's chromium is not installed (as root tests/setup.sh installs it; or: apt-get install chromium)"
         if os.environ.get("CI"):
             pytest.fail(f"{why}: CI must run the browser tests")
         pytest.skip(why)
