@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import app
-from serving import READ_TIMEOUT, app_server
+from serving import CALL_TIMEOUT, READ_TIMEOUT, app_server
 
 pytestmark = pytest.mark.slow
 
@@ -184,13 +184,23 @@ def test_phone_width(server, browser):
 
 
 def test_closing_the_tab_stops_generation(server, browser):
-    """README: closing the tab ends generation, like Stop."""
+    """README: closing the tab ends generation, like Stop. The server's seed is fixed, so the page's request makes the
+    same answer as the same request over the API: had generation gone on, all of it but its last token (sampled,
+    never evaluated) would have been generated."""
+    story = "Write a long story about a dragon who learns to read. Make it at least 800 words."
+    defaults = [app.LIMITS[name][2] for name in ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty")]
+    job = server.client().submit(story, Path(server_model(server, 0)).name, app.SYSTEM_MESSAGE, *defaults,
+                                 api_name="/chat")
+    whole = int(re.search(r"<sub>(\d+) tokens", job.result(timeout=CALL_TIMEOUT))[1])
+
     stops = server.output().count("stopped:")
     page = open_page(browser, server.url)
-    send(page, "Write a long story about a dragon who learns to read. Make it at least 800 words.")
+    send(page, story)
     page.wait_for_function(
         "() => { const m = document.querySelector('[data-testid=bot]'); return m && m.innerText.length > 20; }"
     )
     assert "tokens/s" not in bot_messages(page).first.inner_text()
     page.close()
     wait_until(lambda: server.output().count("stopped:") > stops, "the server's line for the abandoned answer")
+    generated = int(re.findall(r"^stopped: (\d+) tokens", server.output(), re.M)[-1])
+    assert generated < whole - 1, f"generation went on after the tab closed: {generated} of {whole} tokens"
