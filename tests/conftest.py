@@ -144,7 +144,7 @@ class FakeHfApi:
 
 def pytest_collection_modifyitems(items):
     """Builds are paid for by the first test that needs them: such tests get 1 h instead of pytest.ini's timeout."""
-    builds = {"smoke_run", "tiny_phi3_run", "tiny_phi3_gguf", "tiny_phi3_hf"}
+    builds = {"smoke_run", "tiny_phi3_run"}  # whole builds: minutes each on 2 cores
     for item in items:
         if builds & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith("tests/test_build_"):
             item.add_marker(pytest.mark.timeout(3600))
