@@ -127,7 +127,8 @@ def test_a_full_line_is_told_plainly_to_retry(tmp_path, smollm2_gguf):
     """One chat generating and QUEUE_SIZE=2 waiting, each shown its place: the next one is told to retry. Made
     certain rather than hoped for by load: each request joins only once the one before it is seen in place, and the
     first answer is stopped only after the verdict."""
-    env = {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "2048", "QUEUE_SIZE": "2"}
+    # One seat (PARALLEL=1 for the batching engine; one seat is all an app without it has): QUEUE_SIZE waiters beyond it.
+    env = {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "2048", "QUEUE_SIZE": "2", "PARALLEL": "1"}
     label = smollm2_gguf.name
     with app_server(tmp_path, env) as server:
         for _attempt in range(3):
