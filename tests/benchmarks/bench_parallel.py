@@ -1,0 +1,291 @@
+"""Several visitors at once: 1, 2, 4 and 8 concurrent chats, side by side on the same GGUF file and threads.
+
+    python tests/benchmarks/bench_parallel.py --model smollm2 --threads 2      # minutes
+    python tests/benchmarks/bench_parallel.py                                  # Phi-3.5-mini-shaped Q4_K_M
+    python tests/benchmarks/bench_parallel.py --llama-server                   # also llama.cpp's llama-server -np 8
+
+Paths, each with B chats started together (distinct real oasst1 first messages, the same system message):
+- engine: the app's engine in this process, no web server: the batched llama_decode loop itself (the ceiling);
+- http: the app (`python app.py`, PARALLEL=8) over HTTP with gradio_client, one client per chat;
+- llama-server: llama.cpp's own server (`-np 8`, unified KV, built once from the same llama-cpp-python sdist with
+  requirements.txt's flags), the chats posted to /completion as token ids.
+
+For each: aggregate decode tokens/s (all chats' tokens over the span from the first chat's first token to the last
+chat's last token), per-chat tokens/s (median), time to first token p50/p95. Then: a chat arriving while three others
+stream, against the same chat alone (time to first token). The paths take turns within each round and ratios are
+medians of per-round ratios (this VM's speed drifts). Prints tables, writes tests/benchmarks/results/parallel-*.json
+and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
+    sys.path.insert(0, str(p))
+
+import app  # noqa: E402
+from bench_common import table  # noqa: E402
+from bench_serving import cache, llama_bench_build_dir, log, phi35_shaped, runtime_cmake_args, smollm2  # noqa: E402
+from ggufchat.engine import Engine, Request, Sampling  # noqa: E402
+from serving import app_server, free_port  # noqa: E402
+
+RESULTS = ROOT / "tests" / "benchmarks" / "results"
+SAMPLE = ROOT / "tests" / "data" / "oasst1-sample" / "train.jsonl"
+SYSTEM = "You are a helpful assistant."
+MAX_B = 8
+
+
+def oasst_prompts(n: int) -> list[str]:
+    rows = [json.loads(line) for line in SAMPLE.open()]
+    texts = [r["text"] for r in rows if r["parent_id"] is None and r["role"] == "prompter" and 20 < len(r["text"]) < 300]
+    return texts[:n]
+
+
+def summary(chats: list[dict]) -> dict:
+    """chats: {"submit", "first", "last", "tokens"} per chat (perf_counter seconds)."""
+    first, last = min(c["first"] for c in chats), max(c["last"] for c in chats)
+    tokens = sum(c["tokens"] for c in chats)
+    ttft = sorted(c["first"] - c["submit"] for c in chats)
+    per_chat = [(c["tokens"] - 1) / (c["last"] - c["first"]) for c in chats if c["tokens"] > 1 and c["last"] > c["first"]]
+    return {"aggregate_tps": (tokens - len(chats)) / (last - first) if last > first else 0.0,
+            "per_chat_tps": statistics.median(per_chat) if per_chat else 0.0,
+            "ttft_p50": ttft[len(ttft) // 2], "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+            "tokens": tokens}
+
+
+def together(run_one, prompts: list[str]) -> list[dict]:
+    """Run one chat per prompt, all started at once, each in its own thread."""
+    results, start = [None] * len(prompts), threading.Barrier(len(prompts))
+
+    def worker(i):
+        start.wait()
+        results[i] = run_one(prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+# --- the paths ----------------------------------------------------------------------------------------------------
+
+
+class EnginePath:
+    def __init__(self, model: Path, threads: int, n_ctx: int):
+        self.engine = Engine(model, n_ctx=n_ctx, parallel=MAX_B, n_threads=threads, n_threads_batch=threads).start()
+        self.tokenize = app.PromptTokenizer(self.engine.vocab)
+        fmt = app.PROMPT_FORMATS["phi3" if "Phi-3" in model.name else "chatml"]
+        self.formatter = app.make_messages_formatter(fmt)
+
+    def ids(self, message: str) -> list[int]:
+        from ggufchat.prompt import format_prompt
+
+        return self.tokenize(format_prompt(self.formatter, SYSTEM, [], message))
+
+    def chat(self, message: str, n_gen: int) -> dict:
+        request = Request(self.ids(message), n_gen, Sampling(temperature=0.7, repeat_penalty=1.0, seed=1))
+        submit, stamps = time.perf_counter(), []
+        self.engine.submit(request)
+        for _ in request.stream():
+            stamps.append(time.perf_counter())
+        return {"submit": submit, "first": request.stats.first_token_at, "last": request.stats.finished_at,
+                "tokens": len(request.stats.generated)}
+
+    def close(self):
+        self.engine.close()
+
+
+class HttpPath:
+    def __init__(self, server, model: Path):
+        self.server, self.label = server, model.name
+
+    def chat(self, message: str, n_gen: int) -> dict:
+        client = self.server.client()
+        submit, stamps, final = time.perf_counter(), [], ""
+        job = client.submit(message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0, api_name="/chat")
+        last_text = ""
+        for update in job:
+            final = update
+            text = app.STATS.sub("", update)
+            if text and text != last_text and not update.startswith((app.WAITING, app.NOTICE)):
+                stamps.append(time.perf_counter())
+                last_text = text
+        import re
+
+        m = re.search(r"<sub>(\d+) tokens", final)
+        if not stamps or not m:
+            raise RuntimeError(f"no answer: {final[:200]!r}")
+        return {"submit": submit, "first": stamps[0], "last": stamps[-1], "tokens": int(m[1])}
+
+
+class ServerPath:
+    """llama.cpp's llama-server, prompts as token ids (the same ids the app sends)."""
+
+    def __init__(self, binary: Path, model: Path, threads: int, n_ctx: int, ids):
+        self.port, self.ids = free_port(), ids
+        log_file = open(cache() / "llama-server.log", "w")
+        self.process = subprocess.Popen(
+            [str(binary), "-m", str(model), "-np", str(MAX_B), "-c", str(n_ctx * MAX_B), "-t", str(threads),
+             "-tb", str(threads), "--kv-unified", "-fa", "on", "--port", str(self.port), "--host", "127.0.0.1"],
+            stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2).read()):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("llama-server did not start; see " + str(cache() / "llama-server.log"))
+                time.sleep(0.5)
+
+    def chat(self, message: str, n_gen: int) -> dict:
+        body = json.dumps({"prompt": self.ids(message), "n_predict": n_gen, "stream": True, "temperature": 0.7,
+                           "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0, "seed": 1,
+                           "cache_prompt": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
+                                         headers={"Content-Type": "application/json"})
+        submit, stamps, tokens = time.perf_counter(), [], 0
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if event.get("content") or event.get("tokens"):
+                        stamps.append(time.perf_counter())
+                    if event.get("stop"):
+                        tokens = event.get("tokens_predicted", len(stamps))
+                        break
+        return {"submit": submit, "first": stamps[0], "last": stamps[-1], "tokens": tokens}
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def build_llama_server() -> Path:
+    """llama-server from the same sources and flags as llama-bench (bench_serving.py), in the same build folder."""
+    build = llama_bench_build_dir(runtime_cmake_args(), extra=["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"])
+    binary = build / "bin" / "llama-server"
+    if not binary.is_file():
+        log("compiling llama-server (once)")
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return binary
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["phi35-shape", "smollm2"], default="phi35-shape")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--n-gen", type=int, default=0, help="tokens per chat (default by model)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chats", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--llama-server", action="store_true", help="also llama.cpp's llama-server (built once)")
+    args = parser.parse_args()
+    model = smollm2() if args.model == "smollm2" else phi35_shaped()
+    n_gen, t, n_ctx = args.n_gen or (96 if args.model == "smollm2" else 32), args.threads, 1024
+    prompts = oasst_prompts(MAX_B * 2)
+    app.load_cpu_backend()
+    engine = EnginePath(model, t, n_ctx)
+    paths: dict = {"engine": engine}
+    server_path = None
+    if args.llama_server:
+        server_path = ServerPath(build_llama_server(), model, t, n_ctx, engine.ids)
+        paths["llama-server"] = server_path
+    env = {"MODEL_PATH": str(model), "N_CTX": str(n_ctx), "N_THREADS": str(t), "N_THREADS_BATCH": str(t),
+           "PARALLEL": str(MAX_B), "SEED": "1"}
+    samples: dict[str, dict[int, list[dict]]] = {name: {b: [] for b in args.chats} for name in [*paths, "http"]}
+    arrivals: dict[str, list[float]] = {"alone": [], "beside three": []}
+    try:
+        with app_server(Path(os.environ.get("TMPDIR", "/tmp")), env, timeout=600) as server:
+            paths["http"] = HttpPath(server, model)
+            for r in range(args.rounds):
+                for b in args.chats:
+                    for name, path in paths.items():
+                        log(f"round {r + 1}/{args.rounds}: {b} chats, {name}")
+                        chats = together(lambda m, p=path: p.chat(m, n_gen), prompts[r % 2 * MAX_B:][:b])
+                        samples[name][b].append(summary(chats))
+                # A chat arriving while three others stream, against the same chat alone (HTTP, as visitors see it).
+                # Same length, different last words: neither finds its message in the cache, both its system prompt.
+                late = prompts[-1 - r]
+                alone = paths["http"].chat(f"{late} ({r}a)", 4)
+                arrivals["alone"].append(alone["first"] - alone["submit"])
+                runners = [threading.Thread(target=paths["http"].chat, args=(prompts[i], n_gen * 3)) for i in range(3)]
+                for th in runners:
+                    th.start()
+                time.sleep(2.0)  # they are streaming
+                late_run = paths["http"].chat(f"{late} ({r}b)", 4)
+                arrivals["beside three"].append(late_run["first"] - late_run["submit"])
+                for th in runners:
+                    th.join()
+    finally:
+        engine.close()
+        if server_path:
+            server_path.close()
+    report(samples, arrivals, model, t, n_gen, args)
+
+
+def report(samples, arrivals, model: Path, threads: int, n_gen: int, args) -> None:
+    med = {name: {b: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for b, runs in per_b.items()}
+           for name, per_b in samples.items()}
+    rows = []
+    for name, per_b in med.items():
+        one = samples[name][args.chats[0]]
+        for b, m in per_b.items():
+            gain = statistics.median(x["aggregate_tps"] / y["aggregate_tps"] for x, y in zip(samples[name][b], one))
+            vs = {other: statistics.median(x["aggregate_tps"] / y["aggregate_tps"]
+                                           for x, y in zip(samples[name][b], samples[other][b]))
+                  for other in ("engine", "llama-server") if other in samples and other != name}
+            rows.append([name, b, f"{m['aggregate_tps']:.2f}", f"{gain:.2f}", f"{m['per_chat_tps']:.2f}",
+                         f"{m['ttft_p50']:.2f}", f"{m['ttft_p95']:.2f}",
+                         " ".join(f"{v:.2f}× {k}" for k, v in vs.items())])
+    print(f"\n{model.name}, {threads} threads, {n_gen} tokens per chat, {args.rounds} rounds (medians)\n")
+    print(table(rows, ["path", "chats", "aggregate tok/s", f"× {args.chats[0]} chat", "per-chat tok/s",
+                       "TTFT p50 s", "TTFT p95 s", "aggregate vs"]))
+    ratio = statistics.median(b / a for a, b in zip(arrivals["alone"], arrivals["beside three"]))
+    print(f"\nA chat arriving while 3 stream: TTFT {statistics.median(arrivals['beside three']):.2f} s against "
+          f"{statistics.median(arrivals['alone']):.2f} s alone ({ratio:.2f}×; goal ≤ 2×)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"parallel-{args.model}.json"
+    out.write_text(json.dumps({"model": model.name, "threads": threads, "n_gen": n_gen, "samples": samples,
+                               "medians": med, "arrivals": arrivals}, indent=2))
+    plot(med, args.chats, f"{model.name}, {threads} threads", RESULTS / f"parallel-{args.model}.png")
+    print(f"wrote {out} and .png")
+
+
+def plot(med, chats, title: str, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, per_b in med.items():
+        ax.plot(chats, [per_b[b]["aggregate_tps"] for b in chats], "o-", label=name)
+    ax.set_xlabel("concurrent chats")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_xticks(chats)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
