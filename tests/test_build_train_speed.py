@@ -5,9 +5,9 @@ losses as the eager model). Their speed is measured by tests/benchmarks/bench_tr
 from __future__ import annotations
 
 import pytest
-import train
 from conftest import TINY_RECIPE
-from recipe import load_recipe
+from oasstbuild import train
+from oasstbuild.recipe import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from architectures import get_arch
-from common import BuildError, OutputDir, read_marker, write_marker
 from conftest import BUILD, REPO, run_build
-from recipe import QUANT_FTYPES, STAGES, Recipe, load_recipe, recipe_fields
+from oasstbuild.architectures import get_arch
+from oasstbuild.common import BuildError, OutputDir, read_marker, write_marker
+from oasstbuild.recipe import QUANT_FTYPES, STAGES, Recipe, load_recipe, recipe_fields
 
 
 def one_error_line(proc) -> str:

@@ -46,7 +46,7 @@ FIRST_TEXT_ID = 259
 
 
 def cache() -> Path:
-    from common import cache_dir
+    from oasstbuild.common import cache_dir
 
     return cache_dir() / "bench"
 
@@ -67,7 +67,7 @@ def runtime_cmake_args() -> list[str]:
 
 def llama_bench(cmake_args: list[str]) -> Path:
     """Built like the wheel: with the CPU variants, llama-bench picks one itself (they sit beside it)."""
-    from export import fetch_sdist, runtime_version
+    from oasstbuild.export import fetch_sdist, runtime_version
 
     version = runtime_version()
     key = hashlib.sha256(f"{version} {' '.join(cmake_args)}".encode()).hexdigest()[:12]
@@ -125,9 +125,8 @@ def phi35_shaped() -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import export
-    import quantize
-    from recipe import load_recipe
+    from oasstbuild import export, quantize
+    from oasstbuild.recipe import load_recipe
     from tiny_models import SP_VOCAB, write_phi3_tokenizer
 
     hf = out / "hf"

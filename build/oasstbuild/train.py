@@ -11,9 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
-from architectures import get_arch
-from common import BuildError, log, read_json, write_json
-from recipe import Recipe, template_path
+from .architectures import get_arch
+from .common import BuildError, log, read_json, write_json
+from .recipe import Recipe, template_path
 
 CHECKPOINT_FILES = ("trainer_state.json",)  # written last by Trainer._save_checkpoint: its presence = complete
 

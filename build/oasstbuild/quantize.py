@@ -10,8 +10,8 @@ import os
 import re
 from pathlib import Path
 
-from common import BuildError, human_bytes, log
-from recipe import QUANT_FTYPES, Recipe
+from .common import BuildError, human_bytes, log
+from .recipe import QUANT_FTYPES, Recipe
 
 
 class _CaptureLlamaLog:

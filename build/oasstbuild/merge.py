@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from architectures import get_arch
-from basemodel import copy_tokenizer_extras
-from common import BuildError, fresh_dir, log
-from recipe import Recipe
+from .architectures import get_arch
+from .basemodel import copy_tokenizer_extras
+from .common import BuildError, fresh_dir, log
+from .recipe import Recipe
 
 # Max |merged - adapter| logit difference: float32 only reorders sums (1e-4 on SmolLM2-135M, logits up to ~40);
 # 100x headroom for deeper models, still far below what a skipped layer or a wrong LoRA scale does.

@@ -13,8 +13,8 @@ import os
 import time
 from pathlib import Path
 
-from common import human_bytes, log
-from recipe import Recipe
+from .common import human_bytes, log
+from .recipe import Recipe
 
 
 def load_conversations(eval_jsonl: Path, n: int) -> list[list[dict]]:
@@ -123,7 +123,7 @@ def run(
 ) -> tuple[dict, list[Path]]:
     """model_dir: the merged HF folder (its tokenizer gives the token ids fed to every GGUF)."""
     from tqdm.auto import tqdm
-    from train import mask_template
+    from .train import mask_template
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -10,8 +10,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from common import BuildError, fingerprint, log, read_json, write_json
-from recipe import Recipe
+from .common import BuildError, fingerprint, log, read_json, write_json
+from .recipe import Recipe
 
 TOKENIZER_EXTRAS = ("tokenizer.model",)  # sentencepiece model: read by the converter, never written by transformers 5
 

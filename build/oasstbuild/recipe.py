@@ -16,9 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import BuildError
+from .common import BuildError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+BUILD_DIR = Path(__file__).resolve().parents[1]  # build/: recipes/ and templates/ sit there, beside run.py
+RECIPES_DIR = BUILD_DIR / "recipes"
 DEFAULT_RECIPE = "phi35-oasst1"
 STAGES = ("data", "train", "merge", "export", "quantize", "evaluate", "publish")
 
@@ -325,7 +326,7 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return BUILD_DIR.parent
 
 
 def dataset_path(recipe: Recipe) -> Path:
@@ -375,7 +376,7 @@ def validate(r: Recipe) -> None:
 
 def template_path(r: Recipe) -> Path:
     p = Path(r.training_chat_template).expanduser()
-    return p if p.is_absolute() else Path(__file__).resolve().parent / p
+    return p if p.is_absolute() else BUILD_DIR / p
 
 
 def recipe_display_path(p: Path) -> str:

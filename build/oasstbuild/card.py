@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import human_bytes
-from recipe import Recipe
+from .common import human_bytes
+from .recipe import Recipe
 
 
 def card_dataset(recipe: Recipe) -> str:

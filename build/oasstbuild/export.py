@@ -16,9 +16,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from architectures import get_arch
-from common import BuildError, cache_dir, fresh_dir, human_bytes, log
-from recipe import Recipe
+from .architectures import get_arch
+from .common import BuildError, cache_dir, fresh_dir, human_bytes, log
+from .recipe import Recipe
 
 # What the converter needs from vendor/llama.cpp (the rest of the 76 MB sdist is C++ sources).
 CONVERTER_PARTS = (
