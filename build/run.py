@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the oasstbuild packa
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # app.py: evaluate loads llama.cpp the way the Space does
 
 # Stage modules import only the standard library at import time: torch & co. load inside the stages.
-from oasstbuild import basemodel, data, evaluation, export, merge, publish, quantize, train  # noqa: E402
+from oasstbuild import basemodel, data, evaluation, export, merge, preflight, publish, quantize, train  # noqa: E402
 from oasstbuild.architectures import get_arch  # noqa: E402
 from oasstbuild.common import (  # noqa: E402
     BuildError,
@@ -104,12 +104,20 @@ def summary(stages: Stages, report: dict) -> str:
             [q["type"], q["file"], human_bytes(q["bytes"]), q.get("perplexity", ""), q.get("tokens_per_s", "")]
             for q in report["quants"]
         ]
+        for q in report.get("base") or []:
+            qrows.append([f"base {q['type']}", q["file"], human_bytes(q["bytes"]), q["perplexity"], q["tokens_per_s"]])
         text += "\n\nGGUF files\n" + table(qrows, ["type", "file", "size", "perplexity", "tokens/s"])
+    for q, c in (report.get("finetune_vs_base") or {}).items():
+        text += (
+            f"\nfine-tune vs base ({q}): held-out perplexity {c['base']:.3f} -> {c['finetuned']:.3f} "
+            f"({c['change']:+.1%})"
+        )
     if report.get("train"):
         t = report["train"]
         text += (
             f"\n\ntrain loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}, eval loss "
-            f"{t['eval_loss_start']:.3f} -> {t['eval_loss']:.3f} ({t['steps']} steps)"
+            f"{t['eval_loss_start']:.3f} -> {t['eval_loss']:.3f} ({t['steps']} steps; adapter kept: step "
+            f"{t.get('best_step', t['steps'])}, the lowest eval loss)"
         )
     return text
 
@@ -139,10 +147,13 @@ def _main(argv) -> int:
     args, overrides = parse_args(argv, __doc__)
     recipe = load_recipe(args.recipe, overrides)
     out = OutputDir(Path(args.output_dir or Path("outputs") / recipe.name).resolve())
-    out.root.mkdir(parents=True, exist_ok=True)
-    log(f"recipe {recipe.name} -> {out.root}; stages: {','.join(args.stages)}")
 
     # ---- Preflight: what can fail in seconds must not fail after hours of training -------------------------------
+    if "train" in args.stages:
+        preflight.check_cuda(recipe)
+    preflight.check_sources(recipe, args.stages, NEEDS_BASE)
+    out.root.mkdir(parents=True, exist_ok=True)
+    log(f"recipe {recipe.name} -> {out.root}; stages: {','.join(args.stages)}")
     if "publish" in args.stages and recipe.hub_repo:
         publish.preflight(recipe)
     base = model_type = None
@@ -167,7 +178,9 @@ def _main(argv) -> int:
     stages.run("merge", lambda fp: merge.run(recipe, base, out.adapter, out.data, out.merged))
 
     # ---- 4. export: llama.cpp convert_hf_to_gguf.py -> f16 GGUF ---------------------------------------------------
-    exported = stages.run("export", lambda fp: export.run(recipe, out.merged, out.gguf), extra=export.runtime_version)
+    exported = stages.run(
+        "export", lambda fp: export.run(recipe, out.merged, out.gguf), extra=lambda: export.converter_id(recipe)
+    )
     f16 = out.gguf / exported["file"] if exported else None
 
     # ---- 5. quantize: llama_model_quantize for each type ------------------------------------------------------------
@@ -176,9 +189,13 @@ def _main(argv) -> int:
     # ---- 6. evaluate: load, size, perplexity, tokens/s, sample for every GGUF ---------------------------------------
     if quantized:
         files = [("F16", f16)] + [(q, out.gguf / v["file"]) for q, v in quantized["types"].items()]
-        stages.run(
-            "evaluate", lambda fp: evaluation.run(recipe, out.merged, files, out.data / "eval.jsonl"), into=dict
-        )
+
+        def evaluate(fp):
+            # The base is scored through the same export, quantize and llama.cpp path, for the comparison.
+            source = (base or basemodel.resolve(recipe, out.base)) if recipe.eval_base else None
+            return evaluation.run(recipe, out.merged, files, out.data / "eval.jsonl", source, out.base_gguf)
+
+        stages.run("evaluate", evaluate, into=lambda r: {"base": None, "finetune_vs_base": None, **r})
 
     # ---- 7. publish: hub/ (+ upload when hub_repo is set) -----------------------------------------------------------
     if model_type is None and out.merged.joinpath("config.json").is_file():

@@ -75,15 +75,19 @@ def linked_copy(src: Path, dst: Path) -> Path:
 
 class FakeHfApi:
     """The one fake in the suite: the Hub's write API cannot exist offline. Records every call; `allow_write=False`
-    makes the token read-only, `valid=False` makes it rejected like a revoked token."""
+    makes the token read-only, `valid=False` makes it rejected like a revoked token, with an error text that quotes
+    the token back (as a careless server or proxy message may): the build must scrub it. `tokens` holds the tokens
+    it was given, only in memory."""
 
     calls: list[tuple] = []
+    tokens: list[str | None] = []
     valid = True
     allow_write = True
     username = "tester"
 
     def __init__(self, token=None, **kwargs):
         self.token = token
+        FakeHfApi.tokens.append(token)
         FakeHfApi.calls.append(("init", {"has_token": bool(token)}))
 
     def _error(self, status: int, message: str):
@@ -96,7 +100,7 @@ class FakeHfApi:
     def whoami(self, token=None, **kwargs):
         FakeHfApi.calls.append(("whoami", {}))
         if not self.valid:
-            raise self._error(401, "Invalid user token.")
+            raise self._error(401, f"Invalid user token '{self.token}'.")
         role = "write" if self.allow_write else "read"
         return {"name": self.username, "orgs": [{"name": "team"}], "auth": {"accessToken": {"role": role}}}
 
@@ -139,6 +143,16 @@ class FakeHfApi:
         return Commit()
 
 
+FULL_BUILDS = {"smoke_run", "tiny_phi3_run"}  # session fixtures that run whole builds (minutes on 2 cores)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs a whole build is slow wherever it lives, marked or not: `-m "not slow"` skips it."""
+    for item in items:
+        if FULL_BUILDS & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def llama_cpu_backend() -> str:
     """In-process models need llama.cpp's CPU variant registered first, as app.py and the build do."""
@@ -152,7 +166,7 @@ def fake_hub(monkeypatch):
     """Replace huggingface_hub.HfApi (looked up at call time by build/oasstbuild/publish.py) with FakeHfApi."""
     import huggingface_hub
 
-    FakeHfApi.calls, FakeHfApi.valid, FakeHfApi.allow_write = [], True, True
+    FakeHfApi.calls, FakeHfApi.tokens, FakeHfApi.valid, FakeHfApi.allow_write = [], [], True, True
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     return FakeHfApi
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import BUILD, REPO, TINY_RECIPE, check_ok, run_build
 
-LONGER = ["--max_steps", "40", "--save_steps", "10", "--eval_steps", "20"]  # room to be killed mid-run
+LONGER = ["--max_steps", "40", "--save_steps", "10", "--eval_steps", "10"]  # room to be killed mid-run
 
 
 def adapter_tensors(out):

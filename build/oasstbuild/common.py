@@ -26,6 +26,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets, Slurm, a container's --cpuset-cpus),
+    not os.cpu_count(), which counts the whole machine and oversubscribes a restricted process."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def cache_dir() -> Path:
     """Where downloads that outlive an output dir go (llama.cpp converter sources). Outside the repo on purpose."""
     root = (
@@ -64,6 +73,10 @@ class OutputDir:
     @property
     def gguf(self) -> Path:
         return self.root / "gguf"
+
+    @property
+    def base_gguf(self) -> Path:  # the base model's GGUFs, scored by evaluate for comparison; never published
+        return self.root / "base-gguf"
 
     @property
     def hub(self) -> Path:  # exactly the folder that is pushed: nothing else may land in it
