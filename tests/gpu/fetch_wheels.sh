@@ -15,5 +15,10 @@ platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platf
 wanted=(trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill multiprocess)
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d "$dest" "${wanted[@]}"
+# The llama.cpp converter of the installed llama-cpp-python (the GPU image has no llama-cpp-python): check.sh
+# passes it as --llama_cpp_dir so the export stage runs there too.
+conv=$(python3 -c "import sys; sys.path.insert(0, 'build'); from oasstbuild.export import converter_dir; \
+from oasstbuild.recipe import load_recipe; print(converter_dir(load_recipe('smoke')))")
+rm -rf "$dest/llama.cpp" && cp -r "$conv" "$dest/llama.cpp"
 ls -l "$dest"
 du -sh "$dest"
