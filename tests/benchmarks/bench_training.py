@@ -126,6 +126,9 @@ def main() -> None:
             for variant in args.variants:
                 results["runs"][f"{variant}-{data}"] = run_variant(f"{variant}-{data}", config_dir, dataset,
                                                                    args.steps, work, args.set, args.base)
+                # After each run: a run cut short by a time limit keeps what was measured before it.
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                args.results.write_text(json.dumps(results, indent=2))
     print(f"\n{results['gpu']}, {args.steps} steps per run, seq 2048, LoRA r=16 on the 4 fused modules\n")
     rows = []
     for key, r in results["runs"].items():

@@ -27,7 +27,7 @@ def main(training: str, e2e: str, stages: str) -> None:
     if not bench:
         rows.append(["bench", "no result (see bench_training.log)", "", ""])
     train = report.get("train", {})
-    for stage in stages.split(","):
+    for stage in filter(None, stages.split(",")):
         seconds = report.get("stage_seconds", {}).get(stage)
         detail = ""
         if stage == "train" and train:
@@ -35,7 +35,7 @@ def main(training: str, e2e: str, stages: str) -> None:
                       f"step {train.get('best_step')}, {train.get('tokens_per_s') or 0:,.0f} tokens/s")
             peak = f"{train['peak_gpu_bytes'] / 1e9:.1f} GB" if train.get("peak_gpu_bytes") else "?"
         elif stage == "merge" and report.get("merge"):
-            detail, peak = f"max |logit diff| {report['merge']['max_abs_logit_diff']:.2e} (on CPU)", ""
+            detail, peak = f"merged vs adapter logits within {report['merge']['max_abs_logit_diff']:.2e} (on CPU)", ""
         elif stage == "export" and report.get("export"):
             detail, peak = f"{report['export']['bytes'] / 1e9:.2f} GB f16 GGUF", ""
         elif stage == "evaluate" and report.get("quants"):
@@ -53,4 +53,4 @@ def main(training: str, e2e: str, stages: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*(sys.argv[1:4] + [""] * (4 - len(sys.argv))))
