@@ -32,20 +32,13 @@ from pathlib import Path
 # QLoRA step 2.4 s -> 0.05 s, llama.cpp decode 0.3 -> 38 tokens/s with 2 threads). Idle, it costs training ~10%
 # and prompt processing ~5%; only the decode speed of very small models drops (SmolLM2-135M: 85 -> 25 tokens/s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage modules sit beside this file
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # app.py: evaluate loads llama.cpp the way the Space does
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the oasstbuild package sits beside this file
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # ggufchat: evaluate loads llama.cpp the way the Space does
 
 # Stage modules import only the standard library at import time: torch & co. load inside the stages.
-import basemodel  # noqa: E402
-import data  # noqa: E402
-import evaluation  # noqa: E402
-import export  # noqa: E402
-import merge  # noqa: E402
-import publish  # noqa: E402
-import quantize  # noqa: E402
-import train  # noqa: E402
-from architectures import get_arch  # noqa: E402
-from common import (  # noqa: E402
+from oasstbuild import basemodel, data, evaluation, export, merge, preflight, publish, quantize, train  # noqa: E402
+from oasstbuild.architectures import get_arch  # noqa: E402
+from oasstbuild.common import (  # noqa: E402
     BuildError,
     OutputDir,
     drop_marker,
@@ -58,7 +51,7 @@ from common import (  # noqa: E402
     write_json,
     write_marker,
 )
-from recipe import STAGES, Recipe, load_recipe, parse_args  # noqa: E402
+from oasstbuild.recipe import STAGES, Recipe, load_recipe, parse_args  # noqa: E402
 
 NEEDS_BASE = {"data", "train", "merge"}
 
@@ -111,12 +104,20 @@ def summary(stages: Stages, report: dict) -> str:
             [q["type"], q["file"], human_bytes(q["bytes"]), q.get("perplexity", ""), q.get("tokens_per_s", "")]
             for q in report["quants"]
         ]
+        for q in report.get("base") or []:
+            qrows.append([f"base {q['type']}", q["file"], human_bytes(q["bytes"]), q["perplexity"], q["tokens_per_s"]])
         text += "\n\nGGUF files\n" + table(qrows, ["type", "file", "size", "perplexity", "tokens/s"])
+    for q, c in (report.get("finetune_vs_base") or {}).items():
+        text += (
+            f"\nfine-tune vs base ({q}): held-out perplexity {c['base']:.3f} -> {c['finetuned']:.3f} "
+            f"({c['change']:+.1%})"
+        )
     if report.get("train"):
         t = report["train"]
         text += (
             f"\n\ntrain loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}, eval loss "
-            f"{t['eval_loss_start']:.3f} -> {t['eval_loss']:.3f} ({t['steps']} steps)"
+            f"{t['eval_loss_start']:.3f} -> {t['eval_loss']:.3f} ({t['steps']} steps; adapter kept: step "
+            f"{t.get('best_step', t['steps'])}, the lowest eval loss)"
         )
     return text
 
@@ -146,10 +147,13 @@ def _main(argv) -> int:
     args, overrides = parse_args(argv, __doc__)
     recipe = load_recipe(args.recipe, overrides)
     out = OutputDir(Path(args.output_dir or Path("outputs") / recipe.name).resolve())
-    out.root.mkdir(parents=True, exist_ok=True)
-    log(f"recipe {recipe.name} -> {out.root}; stages: {','.join(args.stages)}")
 
     # ---- Preflight: what can fail in seconds must not fail after hours of training -------------------------------
+    if "train" in args.stages:
+        preflight.check_cuda(recipe)
+    preflight.check_sources(recipe, args.stages, NEEDS_BASE)
+    out.root.mkdir(parents=True, exist_ok=True)
+    log(f"recipe {recipe.name} -> {out.root}; stages: {','.join(args.stages)}")
     if "publish" in args.stages and recipe.hub_repo:
         publish.preflight(recipe)
     base = model_type = None
@@ -174,7 +178,9 @@ def _main(argv) -> int:
     stages.run("merge", lambda fp: merge.run(recipe, base, out.adapter, out.data, out.merged))
 
     # ---- 4. export: llama.cpp convert_hf_to_gguf.py -> f16 GGUF ---------------------------------------------------
-    exported = stages.run("export", lambda fp: export.run(recipe, out.merged, out.gguf), extra=export.runtime_version)
+    exported = stages.run(
+        "export", lambda fp: export.run(recipe, out.merged, out.gguf), extra=lambda: export.converter_id(recipe)
+    )
     f16 = out.gguf / exported["file"] if exported else None
 
     # ---- 5. quantize: llama_model_quantize for each type ------------------------------------------------------------
@@ -183,9 +189,13 @@ def _main(argv) -> int:
     # ---- 6. evaluate: load, size, perplexity, tokens/s, sample for every GGUF ---------------------------------------
     if quantized:
         files = [("F16", f16)] + [(q, out.gguf / v["file"]) for q, v in quantized["types"].items()]
-        stages.run(
-            "evaluate", lambda fp: evaluation.run(recipe, out.merged, files, out.data / "eval.jsonl"), into=dict
-        )
+
+        def evaluate(fp):
+            # The base is scored through the same export, quantize and llama.cpp path, for the comparison.
+            source = (base or basemodel.resolve(recipe, out.base)) if recipe.eval_base else None
+            return evaluation.run(recipe, out.merged, files, out.data / "eval.jsonl", source, out.base_gguf)
+
+        stages.run("evaluate", evaluate, into=lambda r: {"base": None, "finetune_vs_base": None, **r})
 
     # ---- 7. publish: hub/ (+ upload when hub_repo is set) -----------------------------------------------------------
     if model_type is None and out.merged.joinpath("config.json").is_file():

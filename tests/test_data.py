@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 from conftest import TINY_RECIPE
-from data import REASONS, extract_threads, read_jsonl, split_by_tree
+from oasstbuild.data import REASONS, extract_threads, read_jsonl, split_by_tree
 
 
 def data_stage(base, dataset, out, *extra) -> int:

@@ -63,6 +63,37 @@ def test_tiny_phi3_through_every_stage(tiny_phi3_run):
     assert meta["tokenizer.chat_template"] == (out / "merged" / "chat_template.jinja").read_text()
     assert [q["type"] for q in report["quants"]] == ["F16", "Q4_K_M"]
     assert (out / "hub" / q4.name).is_file()
+    # trained as the default recipe would be: through Trainer, in train mode
+    assert report["train"]["train_mode"] is True
+
+
+def gguf_add_bos(gguf) -> bool:
+    """The GGUF's tokenizer.ggml.add_bos_token; a file without the key fails (llama.cpp would then add <s>)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        meta = dict(llm.metadata)
+    finally:
+        llm.close()
+    assert "tokenizer.ggml.add_bos_token" in meta, f"{gguf.name} has no tokenizer.ggml.add_bos_token"
+    return {"true": True, "false": False}[meta["tokenizer.ggml.add_bos_token"]]
+
+
+def base_adds_bos(base_dir) -> bool:
+    """What the base's own tokenizer does with plain text: puts BOS first or not."""
+    from oasstbuild.basemodel import adds_bos
+    from transformers import AutoTokenizer
+
+    return adds_bos(AutoTokenizer.from_pretrained(base_dir))
+
+
+@pytest.mark.slow
+def test_tiny_phi3_gguf_keeps_the_bases_bos_setting(tiny_phi3_run, tiny_phi3_hf):
+    """Phi-3.5 adds no BOS (its tokenizer_config.json says add_bos_token: false); every GGUF must say the same."""
+    assert base_adds_bos(tiny_phi3_hf) is False
+    for gguf in sorted((tiny_phi3_run / "gguf").glob("*.gguf")):
+        assert gguf_add_bos(gguf) is False, gguf.name
 
 
 def test_a_phi3_gguf_name_without_phi3_is_refused_before_training(tiny_phi3_hf, tmp_path):

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from architectures import get_arch
-from common import BuildError, OutputDir, read_marker, write_marker
-from conftest import BUILD, REPO, run_build
-from recipe import QUANT_FTYPES, STAGES, Recipe, load_recipe, recipe_fields
+from conftest import BUILD, REPO, TINY_RECIPE, run_build
+from oasstbuild.architectures import get_arch
+from oasstbuild.common import BuildError, OutputDir, read_marker, write_marker
+from oasstbuild.recipe import QUANT_FTYPES, STAGES, Recipe, load_recipe, recipe_fields
 
 
 def one_error_line(proc) -> str:
@@ -49,6 +49,8 @@ def test_missing_dataset_file(tmp_path):
         (["--stages", "data,deploy"], "unknown stage 'deploy'"),
         (["--hub_repo", "no-namespace"], "hub_repo must be 'namespace/name'"),
         (["--training_chat_template", "nope.jinja"], "training_chat_template not found"),
+        # the best checkpoint is chosen by eval loss: a checkpoint without one could never be chosen
+        (["--save_steps", "10", "--eval_steps", "4"], "save_steps (10) must be a multiple of eval_steps (4)"),
     ],
 )
 def test_other_bad_input_is_one_line(tmp_path, args, needle):
@@ -141,3 +143,11 @@ def test_fingerprints_follow_the_stage_a_field_feeds():
     changed = dataclasses.replace(base, quant_types=["Q8_0"])
     assert base.fields_for("train") == changed.fields_for("train")
     assert base.fields_for("quantize") != changed.fields_for("quantize")
+    # a check, not an input: turning require_cuda off to train on a CPU does not invalidate a finished training
+    assert dataclasses.replace(base, require_cuda=False).fields_for("train") == base.fields_for("train")
+
+
+def test_require_cuda_only_where_a_gpu_is_meant():
+    assert load_recipe("phi35-oasst1").require_cuda
+    tiny = load_recipe(str(TINY_RECIPE), {"model_name_or_path": "set-by-the-tests"})
+    assert not load_recipe("smoke").require_cuda and not tiny.require_cuda

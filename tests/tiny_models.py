@@ -121,6 +121,9 @@ def write_phi3_tokenizer(dest: Path, sample_jsonl: Path = SAMPLE) -> Path:
     cfg_path = dest / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "LlamaTokenizer"  # the converter's Phi-3 vocab code reads this key
+    # As in Phi-3.5-mini-instruct's own tokenizer_config.json (transformers 5 does not write them): the converter
+    # turns them into tokenizer.ggml.add_bos_token / add_eos_token.
+    cfg["add_bos_token"], cfg["add_eos_token"] = False, False
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return dest
 

@@ -48,7 +48,7 @@ FIRST_TEXT_ID = 259
 
 
 def cache() -> Path:
-    from common import cache_dir
+    from oasstbuild.common import cache_dir
 
     return cache_dir() / "bench"
 
@@ -70,7 +70,7 @@ def runtime_cmake_args() -> list[str]:
 def llama_bench_build_dir(cmake_args: list[str], extra: list[str] = ()) -> Path:
     """A CMake build folder of llama.cpp from the same sources as the installed llama-cpp-python, configured like
     its wheel (with the CPU variants, the tools pick one themselves: they sit beside them)."""
-    from export import fetch_sdist, runtime_version
+    from oasstbuild.export import fetch_sdist, runtime_version
 
     version = runtime_version()
     key = hashlib.sha256(f"{version} {' '.join(cmake_args)}".encode()).hexdigest()[:12]
@@ -132,9 +132,8 @@ def phi35_shaped() -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import export
-    import quantize
-    from recipe import load_recipe
+    from oasstbuild import export, quantize
+    from oasstbuild.recipe import load_recipe
     from tiny_models import SP_VOCAB, write_phi3_tokenizer
 
     hf = out / "hf"

@@ -6,16 +6,19 @@ own chat template, loss_curve.png, log_history.json; checkpoints/ (with TensorBo
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
 from pathlib import Path
 
-from architectures import get_arch
-from common import BuildError, log, read_json, write_json
-from recipe import Recipe, template_path
+from .architectures import get_arch
+from .basemodel import copy_tokenizer_files
+from .common import BuildError, log, read_json, write_json
+from .recipe import Recipe, template_path
 
 CHECKPOINT_FILES = ("trainer_state.json",)  # written last by Trainer._save_checkpoint: its presence = complete
+COMPILE_BACKEND = "inductor"  # torch.compile backend of compile_decoder (the tests swap in one that fails)
 
 
 def load_split(data_dir: Path, split: str):
@@ -147,6 +150,11 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit,
+        # The adapter exported is the checkpoint with the lowest eval loss, not the last one (Trainer keeps it on
+        # disk whatever save_total_limit says; recipe.validate makes every checkpoint an evaluated one).
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=recipe.compute_dtype == "bfloat16",
@@ -171,11 +179,54 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
             param.data = param.data.float()
     if recipe.compile_decoder:
         # Layer by layer and in place: parameter names (checkpoints, the adapter) stay the eager model's, identical
-        # layers reuse one compiled graph, and TRL's chunked loss head and the PEFT wrapper stay eager. Measured on
-        # an H200 (FIELD-NOTES): QLoRA 12.5k -> 20.1k tokens/s, 60.5 -> 52.5 GB.
+        # layers reuse one compiled graph, and TRL's chunked loss head and the PEFT wrapper stay eager. Gradient
+        # checkpointing wraps each compiled layer (transformers' GradientCheckpointingLayer.__call__), so backward
+        # recomputes through the compiled graph. On an H200 (2026-11-28, Phi-3.5-mini shape, random weights, seq
+        # 2048 x micro-batch 4) QLoRA went from 12.5k to 20.1k tokens/s and 60.5 to 52.5 GB, but measured in eval
+        # mode (no checkpointing recompute, no dropout, no mask): to be re-measured in train mode (tests/gpu/).
         for layer in decoder_layers(trainer.model):
-            layer.compile()
+            layer.compile(backend=COMPILE_BACKEND)
     return trainer
+
+
+def uncompile(model) -> None:
+    """Back to eager after a failed compile: drop each layer's compiled call and dynamo's caches."""
+    import torch
+
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def train_with_compile_fallback(trainer, recipe: Recipe, resume: Path | None) -> str | None:
+    """trainer.train(); if compile_decoder's first compilation fails (before any optimizer step), say so and train
+    eager rather than lose the run. Returns the compile error's first line, or None. Later failures are raised."""
+    import torch
+
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        return None
+    except torch._dynamo.exc.TorchDynamoException as e:
+        started = resume is not None or trainer.state.global_step > 0
+        if not recipe.compile_decoder or started:
+            raise
+        inner = getattr(e, "inner_exception", None)  # BackendCompilerFailed: what the compiler raised
+        cause = f"{type(inner).__name__}: {inner}" if inner else (str(e).strip().splitlines() or ["?"])[0]
+        error = f"{type(e).__name__} ({cause[:300]})"
+    log(f"[train] compile_decoder: torch.compile failed at the first step: {error}; continuing eager")
+    uncompile(trainer.model)
+    trainer.train()
+    return error
+
+
+def release_memory() -> None:
+    """Once the trainer is dropped: free compiled graphs, the objects only cycles kept alive (the model, optimizer
+    state), and the CUDA caching allocator's blocks, so the stages after training start from an empty GPU."""
+    import torch
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def decoder_layers(model):
@@ -196,6 +247,14 @@ def throughput_callback():
     class Throughput(TrainerCallback):
         def __init__(self):
             self.marks: list[tuple[float, int]] = []  # (seconds, tokens read so far) at each train-loss log
+            self.modes: set[bool] = set()  # model.training at each optimizer step: Trainer sets train mode
+            self.checkpointing: set[bool] = set()  # gradient checkpointing enabled at each step
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # after the step, before any eval
+            if model is not None:
+                self.modes.add(model.training)
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                self.checkpointing.add(bool(getattr(base, "is_activation_checkpointing", False)))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and "num_tokens" in logs:
@@ -255,8 +314,6 @@ def plot_loss(history: list[dict], png: Path, title: str) -> None:
 
 
 def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, force: bool) -> tuple[dict, list[Path]]:
-    from transformers import AutoTokenizer
-
     checkpoints = adapter_dir / "checkpoints"
     resume = prepare_checkpoints(checkpoints, fp, force)
     for entry in adapter_dir.iterdir():  # a rerun starts from an empty adapter/ (checkpoints aside)
@@ -268,16 +325,20 @@ def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, f
     trainer.add_callback(throughput)
     if resume:
         log(f"[train] resuming from {resume.name}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    step = trainer.state.global_step
-    if not any(h.get("step") == step and "eval_loss" in h for h in trainer.state.log_history):
-        trainer.evaluate()  # the card's eval loss is the final model's
-    history = trainer.state.log_history
+    compile_error = train_with_compile_fallback(trainer, recipe, resume)
+    state = trainer.state
+    if state.best_model_checkpoint is None and not any(
+        h.get("step") == state.global_step and "eval_loss" in h for h in state.log_history
+    ):
+        trainer.evaluate()  # no checkpoint to choose from: the card's eval loss is the final model's
+    history = state.log_history
+    # load_best_model_at_end has put the best checkpoint's adapter back into the model: that is what is saved.
+    best = state.best_model_checkpoint
+    best_step = int(Path(best).name.removeprefix("checkpoint-")) if best else state.global_step
 
     trainer.save_model(str(adapter_dir))
-    # The trainer's tokenizer may carry the training twin of the template; ship the base's own.
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.save_pretrained(adapter_dir)
+    # The trainer's tokenizer may carry the training twin of the template; ship the base's own files, as they are.
+    copy_tokenizer_files(base, adapter_dir)
     write_json(adapter_dir / "log_history.json", history)
     png = adapter_dir / "loss_curve.png"
     plot_loss(
@@ -285,31 +346,41 @@ def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, f
     )
 
     train_losses = [h["loss"] for h in history if "loss" in h]
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
     if not train_losses:
         raise BuildError("training logged no loss: lower logging_steps or train for more steps")
     trainable, total = trainer.model.get_nb_trainable_parameters()
     import torch
 
     result = {
-        "steps": trainer.state.global_step,
+        "steps": state.global_step,
         "first_loss": train_losses[0],
         "last_loss": train_losses[-1],
-        "eval_loss_start": eval_losses[0],
-        "eval_loss": eval_losses[-1],
+        "eval_loss_start": evals[min(evals)],
+        "eval_loss_last": evals[max(evals)],
+        # The adapter kept: the checkpoint with the lowest eval loss (the last step's model if nothing was saved).
+        "best_step": best_step,
+        "eval_loss": state.best_metric if best else evals[max(evals)],
         "resumed_from": resume.name if resume else None,
+        "compile_error": compile_error,
         "lora_targets": lora_targets(recipe, trainer.model.config.model_type),
         "trainable_params": trainable,
         "total_params": total,
         "train_runtime_s": round(sum(h.get("train_runtime", 0) for h in history), 1),
         "tokens_per_s": throughput.steady_rate(),
+        # What the speed was measured in: train mode (dropout on) and, if the recipe asks, checkpointing recompute.
+        "train_mode": throughput.modes == {True},
+        "gradient_checkpointing": throughput.checkpointing == {True},
         # What a GPU needs to hold this recipe (tests/benchmarks/bench_training.py reports it).
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
+    trainer.accelerator.free_memory()
+    del trainer, state
+    release_memory()
     files = [adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json", png]
     speed = f", {result['tokens_per_s']:,.0f} tokens/s after warm-up" if result["tokens_per_s"] else ""
     log(
         f"[train] {result['steps']} steps, loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}, "
-        f"eval loss {result['eval_loss_start']:.3f} -> {result['eval_loss']:.3f}{speed}"
+        f"eval loss {result['eval_loss_start']:.3f} -> {result['eval_loss']:.3f} (best, step {best_step}){speed}"
     )
     return result, files

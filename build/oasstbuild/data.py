@@ -15,8 +15,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from common import BuildError, fresh_dir, log
-from recipe import Recipe, dataset_path
+from .common import BuildError, fresh_dir, log
+from .recipe import Recipe, dataset_path
 
 ROLES = {"prompter": "user", "assistant": "assistant"}
 # Why a message is not used; every message dropped is counted under exactly one of these.

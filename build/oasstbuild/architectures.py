@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common import BuildError
+from .common import BuildError
 
 
 @dataclass(frozen=True)
@@ -52,5 +52,5 @@ def get_arch(model_type: str) -> Arch:
     except KeyError:
         raise BuildError(
             f"no build hooks for architecture '{model_type}' (known: {', '.join(ARCHS)}): "
-            "add one in build/architectures.py"
+            "add one in build/oasstbuild/architectures.py"
         ) from None

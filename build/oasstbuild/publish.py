@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from card import render
-from common import BuildError, fresh_dir, link_or_copy, log
-from recipe import Recipe
+from .card import render
+from .common import BuildError, fresh_dir, link_or_copy, log
+from .recipe import Recipe
 
 
 def _token() -> str | None:

@@ -6,6 +6,10 @@ rounded once, to `merge_dtype`, when saved: in bf16 the small BA would mostly va
 arithmetic alone moves logits by more than a broken merge would (measured on SmolLM2-135M: bf16 vs fp32 adapter
 model, max |logit diff| 2.4; fp32 merged vs fp32 adapter model, 1e-4). Before saving, merged logits are compared
 with the adapter model's on held-out conversations: a wrong scale or a skipped layer fails here, not in a chat.
+
+All of it runs on the CPU, in host memory: an fp32 Phi-3.5-mini is 15 GB, more than a 24 GB card has left beside the
+CUDA context, and the merge is a single pass of matrix additions (a minute or two on a CPU). The tokenizer files are
+the base's own, copied unchanged (see basemodel.TOKENIZER_FILES).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from architectures import get_arch
-from basemodel import copy_tokenizer_extras
-from common import BuildError, fresh_dir, log
-from recipe import Recipe
+from .architectures import get_arch
+from .basemodel import copy_tokenizer_files, pin_bos_flag
+from .common import BuildError, fresh_dir, log
+from .recipe import Recipe
 
 # Max |merged - adapter| logit difference: float32 only reorders sums (1e-4 on SmolLM2-135M, logits up to ~40);
 # 100x headroom for deeper models, still far below what a skipped layer or a wrong LoRA scale does.
@@ -43,13 +47,13 @@ def run(recipe: Recipe, base: str, adapter_dir: Path, data_dir: Path, merged_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)  # never quantization_config
+    # On the CPU even when a GPU is there (see the module docstring); never with quantization_config.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu")
     arch = get_arch(model.config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    model = PeftModel.from_pretrained(model, adapter_dir, torch_device="cpu").eval()  # PEFT's default: any GPU
 
-    samples = [s.to(device) for s in check_samples(tokenizer, data_dir / "eval.jsonl", recipe.merge_check_samples)]
+    samples = check_samples(tokenizer, data_dir / "eval.jsonl", recipe.merge_check_samples)
     with torch.no_grad():
         before = [model(ids).logits.float() for ids in samples]
         model = model.merge_and_unload()
@@ -67,8 +71,8 @@ def run(recipe: Recipe, base: str, adapter_dir: Path, data_dir: Path, merged_dir
 
     fresh_dir(merged_dir)
     model.to(getattr(torch, recipe.merge_dtype)).save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
-    extras = copy_tokenizer_extras(base, merged_dir)
+    tokenizer_files = copy_tokenizer_files(base, merged_dir)
+    add_bos = pin_bos_flag(merged_dir, tokenizer)  # only where the base's own file does not say
     for name in arch.required_tokenizer_files:
         if not (merged_dir / name).is_file():
             raise BuildError(f"{arch.model_type}: the converter needs {name}, but the base {base} has none")
@@ -79,6 +83,7 @@ def run(recipe: Recipe, base: str, adapter_dir: Path, data_dir: Path, merged_dir
         "max_abs_logit_diff": diff,
         "tolerance": atol,
         "greedy_agreement": round(agree / total, 4),
-        "tokenizer_extras": extras,
+        "tokenizer_files": tokenizer_files,
+        "add_bos_token": add_bos,
     }
     return result, files

@@ -16,9 +16,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from architectures import get_arch
-from common import BuildError, cache_dir, fresh_dir, human_bytes, log
-from recipe import Recipe
+from .architectures import get_arch
+from .common import BuildError, cache_dir, fresh_dir, human_bytes, log
+from .recipe import Recipe
 
 # What the converter needs from vendor/llama.cpp (the rest of the 76 MB sdist is C++ sources).
 CONVERTER_PARTS = (
@@ -36,6 +36,14 @@ def runtime_version() -> str:
         return importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
         raise BuildError("llama-cpp-python is not installed (pip install -r build/requirements.txt)") from None
+
+
+def converter_id(recipe: Recipe) -> str:
+    """What the export's output depends on besides the merged model: the converter's source. With llama_cpp_dir
+    llama-cpp-python need not be installed (a GPU box that only exports)."""
+    if recipe.llama_cpp_dir:
+        return f"dir:{Path(recipe.llama_cpp_dir).expanduser().resolve()}"
+    return runtime_version()
 
 
 def fetch_sdist(version: str, dest: Path) -> Path:
@@ -128,5 +136,5 @@ def run(recipe: Recipe, merged_dir: Path, gguf_dir: Path) -> tuple[dict, list[Pa
         raise BuildError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}): {tail[0]} (full log: {logfile})")
     size = out.stat().st_size
     log(f"[export] {out.name}: {human_bytes(size)}")
-    result = {"file": out.name, "bytes": size, "converter": str(conv), "llama_cpp_python": runtime_version()}
+    result = {"file": out.name, "bytes": size, "converter": str(conv), "converter_id": converter_id(recipe)}
     return result, [out]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import human_bytes
-from recipe import Recipe
+from .common import human_bytes
+from .recipe import Recipe
 
 
 def card_dataset(recipe: Recipe) -> str:
@@ -25,9 +25,9 @@ def front_matter(recipe: Recipe, model_type: str) -> dict:
     return {k: v for k, v in meta.items() if v}
 
 
-def _quant_table(quants: list[dict]) -> str:
+def _quant_table(quants: list[dict], base: list[dict]) -> str:
     lines = ["| file | type | size | perplexity | decode tokens/s |", "|---|---|---|---|---|"]
-    for q in quants:
+    for q in [*quants, *({**b, "type": f"base model, {b['type']}"} for b in base)]:
         tps = q.get("tokens_per_s")
         ppl = q.get("perplexity")
         lines.append(
@@ -35,6 +35,19 @@ def _quant_table(quants: list[dict]) -> str:
             f"{tps if tps is not None else 'n/a'} |"
         )
     return "\n".join(lines)
+
+
+def _versus_base(report: dict) -> str:
+    change = report.get("finetune_vs_base") or {}
+    if not change:
+        return ""
+    q, c = next(iter(change.items())) if "F16" not in change else ("F16", change["F16"])
+    verb = "lowered" if c["change"] < 0 else "raised"
+    parts = [f"{k}: {v['base']:.3f} -> {v['finetuned']:.3f} ({v['change']:+.1%})" for k, v in change.items()]
+    return (
+        f"\n\nThe base model, converted and quantized the same way and scored on the same token ids, is in the last "
+        f"rows: the fine-tune {verb} held-out perplexity by {abs(c['change']):.1%} at {q} ({'; '.join(parts)})."
+    )
 
 
 def render(recipe: Recipe, report: dict, files: list[str], images: list[str], model_type: str) -> str:
@@ -77,7 +90,7 @@ Measured on the build machine with llama-cpp-python {report.get("versions", {}).
 perplexity over the assistant tokens of {ev.get("conversations", "?")} held-out conversations (lower is better; every
 file scores the same token ids), greedy decode speed with {ev.get("threads", "?")} CPU thread(s).{f16_note}
 
-{_quant_table(report.get("quants", []))}
+{_quant_table(report.get("quants", []), report.get("base") or [])}{_versus_base(report)}
 
 ## Training
 
@@ -89,7 +102,8 @@ file scores the same token ids), greedy decode speed with {ev.get("threads", "?"
   {quant}.
 - {train.get("steps", "?")} steps, learning rate {recipe.learning_rate:g} ({recipe.lr_scheduler_type}), max length
   {recipe.max_length}, optimizer {recipe.optim}.
-- Train loss {t("first_loss")} -> {t("last_loss")}; held-out loss {t("eval_loss_start")} -> {t("eval_loss")}.
+- Train loss {t("first_loss")} -> {t("last_loss")}; held-out loss {t("eval_loss_start")} -> {t("eval_loss")}. The
+  weights published are those of step {train.get("best_step", "?")}, the checkpoint with the lowest held-out loss.
 
 {image_md}
 

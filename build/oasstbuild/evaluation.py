@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
-from common import human_bytes, log
-from recipe import Recipe
+from .common import human_bytes, log, usable_cpus
+from .recipe import Recipe
 
 
 def load_conversations(eval_jsonl: Path, n: int) -> list[list[dict]]:
@@ -78,8 +77,16 @@ def sample_answer(llm, prompt_ids: list[int], max_tokens: int) -> dict:
     }
 
 
+def thread_counts(recipe: Recipe) -> tuple[int, int]:
+    """(generation threads, prompt-processing threads): the recipe's, or every CPU this process may use. Under
+    run.py's OMP_WAIT_POLICY=PASSIVE a busy core no longer stalls the others; decode of a very small model is then
+    faster on one thread (see the smoke recipe)."""
+    cpus = usable_cpus()
+    return recipe.n_threads or cpus, recipe.n_threads_batch or cpus
+
+
 def evaluate_file(path: Path, inputs, prompt_ids: list[int], recipe: Recipe, threads: int, batch_threads: int) -> dict:
-    from app import load_cpu_backend
+    from ggufchat.cpu_backend import load_cpu_backend
     from llama_cpp import Llama
 
     load_cpu_backend()  # the same CPU variant the Space would pick on this machine
@@ -118,13 +125,68 @@ def evaluate_file(path: Path, inputs, prompt_ids: list[int], recipe: Recipe, thr
     }
 
 
+def base_folder(base: str) -> Path:
+    """The base model as a local HF folder: itself, or its snapshot in the Hugging Face cache (the data, train and
+    merge stages have downloaded it)."""
+    if Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (a run that started at this stage): fetch it
+        return Path(snapshot_download(base))
+
+
+def base_ggufs(recipe: Recipe, base: str, gguf_dir: Path) -> list[tuple[str, Path]]:
+    """The base model through the same export and quantize code as the fine-tune: f16 and the first quant type,
+    named `<gguf_name>-base-*.gguf`. Rebuilt only when the base or the converter changed."""
+    import dataclasses
+
+    from . import export, quantize
+    from .common import fingerprint, read_json, write_json
+
+    base_recipe = dataclasses.replace(recipe, gguf_name=f"{recipe.gguf_name}-base")
+    types = recipe.quant_types[:1]
+    stamp = gguf_dir / "base.json"
+    fp = fingerprint(base, export.converter_id(recipe), types)
+    names = {"F16": f"{base_recipe.gguf_name}-f16.gguf", **{q: f"{base_recipe.gguf_name}-{q}.gguf" for q in types}}
+    files = [(q, gguf_dir / n) for q, n in names.items()]
+    if (read_json(stamp) or {}).get("fingerprint") == fp and all(p.is_file() for _, p in files):
+        return files
+    log(f"[evaluate] the base model {base} through export and quantize, for comparison")
+    _, (f16,) = export.run(base_recipe, base_folder(base), gguf_dir)
+    for q, path in files[1:]:
+        quantize.quantize_file(f16, path, q)
+    write_json(stamp, {"fingerprint": fp, "base": base})
+    return files
+
+
+def perplexity_change(finetuned: list[dict], base: list[dict]) -> dict:
+    """For each type scored both ways: base and fine-tuned perplexity, and the relative change (negative = better)."""
+    ours = {r["type"]: r["perplexity"] for r in finetuned}
+    out = {}
+    for row in base:
+        if row["type"] in ours:
+            b, f = row["perplexity"], ours[row["type"]]
+            out[row["type"]] = {"base": b, "finetuned": f, "change": round(f / b - 1, 4)}
+    return out
+
+
 def run(
-    recipe: Recipe, model_dir: Path, gguf_files: list[tuple[str, Path]], eval_jsonl: Path
+    recipe: Recipe,
+    model_dir: Path,
+    gguf_files: list[tuple[str, Path]],
+    eval_jsonl: Path,
+    base: str | None = None,
+    base_gguf_dir: Path | None = None,
 ) -> tuple[dict, list[Path]]:
-    """model_dir: the merged HF folder (its tokenizer gives the token ids fed to every GGUF)."""
+    """model_dir: the merged HF folder (its tokenizer gives the token ids fed to every GGUF). With `base` (and
+    recipe.eval_base), the base model is scored the same way, its GGUFs built in base_gguf_dir."""
     from tqdm.auto import tqdm
-    from train import mask_template
     from transformers import AutoTokenizer
+
+    from .train import mask_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     inputs = score_inputs(
@@ -139,18 +201,28 @@ def run(
         add_generation_prompt=True,
         return_dict=True,
     )["input_ids"]
-    # All cores unless the recipe says otherwise. Under run.py's OMP_WAIT_POLICY=PASSIVE a busy core no longer
-    # stalls the others; decode of a very small model is then faster on one thread (see the smoke recipe).
-    cores = os.cpu_count() or 1
-    threads, batch_threads = recipe.n_threads or cores, recipe.n_threads_batch or cores
-    rows = []
-    for quant_type, path in tqdm(gguf_files, desc="evaluate", unit="file"):
-        row = {"type": quant_type, **evaluate_file(path, inputs, prompt_ids, recipe, threads, batch_threads)}
-        log(
-            f"[evaluate] {path.name}: {human_bytes(row['bytes'])}, perplexity {row['perplexity']:.3f}, "
-            f"{row['tokens_per_s']} tokens/s; sample: {row['sample'][:80]!r}"
-        )
-        rows.append(row)
+    threads, batch_threads = thread_counts(recipe)
+
+    def score(files: list[tuple[str, Path]]) -> list[dict]:
+        rows = []
+        for quant_type, path in tqdm(files, desc="evaluate", unit="file"):
+            row = {"type": quant_type, **evaluate_file(path, inputs, prompt_ids, recipe, threads, batch_threads)}
+            log(
+                f"[evaluate] {path.name}: {human_bytes(row['bytes'])}, perplexity {row['perplexity']:.3f}, "
+                f"{row['tokens_per_s']} tokens/s; sample: {row['sample'][:80]!r}"
+            )
+            rows.append(row)
+        return rows
+
+    rows = score(gguf_files)
+    result: dict = {"quants": rows}
+    if recipe.eval_base and base is not None and base_gguf_dir is not None:
+        # Same token ids, same conversations, same llama.cpp: only the weights differ.
+        result["base"] = score(base_ggufs(recipe, base, base_gguf_dir))
+        result["finetune_vs_base"] = perplexity_change(rows, result["base"])
+        for q, c in result["finetune_vs_base"].items():
+            log(f"[evaluate] {q}: perplexity base {c['base']:.3f} -> fine-tuned {c['finetuned']:.3f} "
+                f"({c['change']:+.1%})")
     meta = {
         "conversations": len(inputs),
         "n_ctx": recipe.eval_ctx,
@@ -158,4 +230,4 @@ def run(
         "batch_threads": batch_threads,
         "prompt": recipe.sample_prompt,
     }
-    return {"quants": rows, "eval": meta}, []
+    return {**result, "eval": meta}, []

@@ -16,9 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import BuildError
+from .common import BuildError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+BUILD_DIR = Path(__file__).resolve().parents[1]  # build/: recipes/ and templates/ sit there, beside run.py
+RECIPES_DIR = BUILD_DIR / "recipes"
 DEFAULT_RECIPE = "phi35-oasst1"
 STAGES = ("data", "train", "merge", "export", "quantize", "evaluate", "publish")
 
@@ -73,6 +74,13 @@ class ModelArguments:
     bnb_4bit_use_double_quant: bool = _f(True, "Quantize the quantization constants too (QLoRA paper).", "train")
     compute_dtype: str = _f("bfloat16", f"Training compute dtype: one of {', '.join(DTYPES)}.", "train")
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, flash_attention_2...", "train")
+    require_cuda: bool = _f(
+        True,
+        "Refuse to train without a usable CUDA device (checked before anything is downloaded). A recipe sized for a "
+        "GPU would otherwise train on the CPU for days: bitsandbytes' paged optimizer only warns.",
+        "train",
+        fingerprint=False,
+    )
 
 
 @dataclass
@@ -139,7 +147,12 @@ class TrainArguments:
     )
     logging_steps: int = _f(10, "Log the train loss every N steps.", "train")
     eval_steps: int = _f(100, "Eval loss every N steps.", "train")
-    save_steps: int = _f(100, "Checkpoint every N steps (a crashed run resumes from the latest).", "train")
+    save_steps: int = _f(
+        100,
+        "Checkpoint every N steps, a multiple of eval_steps: the checkpoint with the best eval loss is the one kept "
+        "and exported; a crashed run resumes from the latest.",
+        "train",
+    )
     save_total_limit: int = _f(2, "Checkpoints kept on disk.", "train")
     seed: int = _f(42, "Seed for data order, LoRA init, dropout and random_init weights.", "data")
 
@@ -180,8 +193,21 @@ class EvalArguments:
         64, "Held-out conversations scored for perplexity (assistant tokens only).", "evaluate"
     )
     eval_ctx: int = _f(2048, "llama.cpp context for evaluation; longer conversations are cut.", "evaluate")
-    n_threads: int = _f(0, "llama.cpp threads for generation (the tokens/s measurement); 0 = all cores.", "evaluate")
-    n_threads_batch: int = _f(0, "llama.cpp threads for prompt processing (perplexity); 0 = all cores.", "evaluate")
+    eval_base: bool = _f(
+        True,
+        "Also score the base model, its GGUF made by the same export and quantize code (f16 and the first of "
+        "quant_types), on the same held-out conversations: the report says how much the fine-tune changed "
+        "perplexity.",
+        "evaluate",
+    )
+    n_threads: int = _f(
+        0,
+        "llama.cpp threads for generation (the tokens/s measurement); 0 = every CPU this process may use.",
+        "evaluate",
+    )
+    n_threads_batch: int = _f(
+        0, "llama.cpp threads for prompt processing (perplexity); 0 = every CPU this process may use.", "evaluate"
+    )
     sample_prompt: str = _f(
         "What is the capital of France? Answer in one sentence.", "Prompt for the sample answer.", "evaluate"
     )
@@ -228,7 +254,12 @@ class Recipe(
     name: str = field(default="", metadata={"help": "Recipe name (file stem).", "stage": "", "internal": True})
 
     def fields_for(self, stage: str) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stage") == stage}
+        """The fields that feed `stage`'s outputs (its fingerprint); checks such as require_cuda do not."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("stage") == stage and f.metadata.get("fingerprint", True)
+        }
 
     @property
     def is_local_dataset(self) -> bool:
@@ -325,7 +356,7 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> Recipe:
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return BUILD_DIR.parent
 
 
 def dataset_path(recipe: Recipe) -> Path:
@@ -371,11 +402,17 @@ def validate(r: Recipe) -> None:
     ):
         if getattr(r, name) <= 0:
             raise BuildError(f"{name} must be positive, got {getattr(r, name)}")
+    if r.save_steps % r.eval_steps:
+        # Trainer's load_best_model_at_end can only pick among checkpoints whose eval loss it knows.
+        raise BuildError(
+            f"save_steps ({r.save_steps}) must be a multiple of eval_steps ({r.eval_steps}): the build keeps the "
+            "checkpoint with the best eval loss, so every checkpoint needs one"
+        )
 
 
 def template_path(r: Recipe) -> Path:
     p = Path(r.training_chat_template).expanduser()
-    return p if p.is_absolute() else Path(__file__).resolve().parent / p
+    return p if p.is_absolute() else BUILD_DIR / p
 
 
 def recipe_display_path(p: Path) -> str:

@@ -10,8 +10,8 @@ import os
 import re
 from pathlib import Path
 
-from common import BuildError, human_bytes, log
-from recipe import QUANT_FTYPES, Recipe
+from .common import BuildError, human_bytes, log, usable_cpus
+from .recipe import QUANT_FTYPES, Recipe
 
 
 class _CaptureLlamaLog:
@@ -42,18 +42,23 @@ class _CaptureLlamaLog:
         return "".join(self.lines)
 
 
-def quantize_file(src: Path, dst: Path, quant_type: str, threads: int = 0) -> dict:
-    """One llama_model_quantize call; writes through a temp name so a killed run leaves no half file behind."""
+def quantize_file(src: Path, dst: Path, quant_type: str, threads: int = 0, log_file: Path | None = None) -> dict:
+    """One llama_model_quantize call; writes through a temp name so a killed run leaves no half file behind.
+    threads <= 0: every CPU this process may use (llama.cpp's own default counts the whole machine). log_file:
+    where llama.cpp's log of the call goes (one line per tensor, fallbacks included)."""
     import llama_cpp
 
     if quant_type not in QUANT_FTYPES:
         raise BuildError(f"unknown quant type '{quant_type}' (valid: {', '.join(QUANT_FTYPES)})")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant_type]
-    params.nthread = threads  # <= 0: all hardware threads
+    params.nthread = threads if threads > 0 else usable_cpus()
     tmp = dst.with_name(dst.name + ".tmp")
     with _CaptureLlamaLog() as captured:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(captured.text, encoding="utf-8")
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         err = [ln for ln in captured.text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()][-1:]
@@ -74,7 +79,8 @@ def run(recipe: Recipe, f16: Path, gguf_dir: Path) -> tuple[dict, list[Path]]:
     files, types = [], {}
     for q in tqdm(recipe.quant_types, desc="quantize", unit="type"):
         out = gguf_dir / f"{recipe.gguf_name}-{q}.gguf"
-        info = quantize_file(f16, out, q)
+        # The log goes beside convert.log, not into gguf/ (which holds only model files).
+        info = quantize_file(f16, out, q, log_file=gguf_dir.parent / ".stages" / f"quantize-{q}.log")
         size = out.stat().st_size
         note = (
             f", {info['fallback_tensors']} tensors fell back (rows not divisible by 256)"

@@ -7,13 +7,26 @@ the same way (`from_pretrained(path)`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
-from common import BuildError, fingerprint, log, read_json, write_json
-from recipe import Recipe
+from .common import BuildError, fingerprint, log, read_json, write_json
+from .recipe import Recipe
 
 TOKENIZER_EXTRAS = ("tokenizer.model",)  # sentencepiece model: read by the converter, never written by transformers 5
+# Every file a tokenizer may be made of. The build ships the base's own, byte for byte: transformers 5 re-saves them
+# without keys it no longer uses, such as `add_bos_token`, and the llama.cpp converter reads that key to set
+# `tokenizer.ggml.add_bos_token`; without it llama.cpp prepends <s>, which Phi-3.5 was never trained with.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def package_file(spec: str) -> Path:
@@ -78,11 +91,12 @@ def _from_gguf(gguf_path: Path, base_dir: Path) -> None:
     model.config.name_or_path = gguf_path.stem
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
+    pin_bos_flag(base_dir, tokenizer)  # this folder is the base's tokenizer from now on: say what it does
 
 
 def _random_init(recipe: Recipe, base_dir: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     source = recipe.config_name_or_path or recipe.model_name_or_path
     config = AutoConfig.from_pretrained(source)
@@ -90,14 +104,39 @@ def _random_init(recipe: Recipe, base_dir: Path) -> None:
     # bf16 halves the write (7.6 GB for Phi-3.5-mini) and is what training loads anyway.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(base_dir)
-    AutoTokenizer.from_pretrained(source).save_pretrained(base_dir)
-    copy_tokenizer_extras(source, base_dir)
+    copy_tokenizer_files(source, base_dir)
 
 
-def copy_tokenizer_extras(source: str, dest: Path) -> list[str]:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of plain text: what the GGUF's add_bos_token must say."""
+    ids = tokenizer("Hello")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def pin_bos_flag(folder: Path, tokenizer) -> bool:
+    """Write `add_bos_token` into folder/tokenizer_config.json if it is missing (transformers 5 does not write it),
+    as the tokenizer behaves: the converter reads it into `tokenizer.ggml.add_bos_token`. Returns the flag."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config.get("add_bos_token"), bool):
+        config["add_bos_token"] = adds_bos(tokenizer)
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return config["add_bos_token"]
+
+
+def copy_tokenizer_files(source: str, dest: Path) -> list[str]:
+    """Copy the base's tokenizer files, as they are, into `dest` (a local folder or a Hub id's cached files).
+    Raises BuildError if the base has no tokenizer_config.json."""
+    copied = copy_tokenizer_extras(source, dest, TOKENIZER_FILES)
+    if "tokenizer_config.json" not in copied:
+        raise BuildError(f"the base {source} has no tokenizer_config.json to ship with the model")
+    return copied
+
+
+def copy_tokenizer_extras(source: str, dest: Path, names=TOKENIZER_EXTRAS) -> list[str]:
     """Copy tokenizer files that `save_pretrained` drops (tokenizer.model) from the base into `dest`."""
     copied = []
-    for name in TOKENIZER_EXTRAS:
+    for name in names:
         src = Path(source).expanduser() / name
         if not Path(source).expanduser().exists():  # a Hub id: the file is in the HF cache once downloaded
             try:

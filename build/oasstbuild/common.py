@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ggufchat.files import human_size as human_bytes  # noqa: F401 - one size format for the Space and the build
+
 # Bumped when the on-disk layout of a stage changes, so old markers stop matching.
 MARKER_VERSION = 1
 
@@ -24,6 +26,15 @@ class BuildError(Exception):
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets, Slurm, a container's --cpuset-cpus),
+    not os.cpu_count(), which counts the whole machine and oversubscribes a restricted process."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def cache_dir() -> Path:
@@ -64,6 +75,10 @@ class OutputDir:
     @property
     def gguf(self) -> Path:
         return self.root / "gguf"
+
+    @property
+    def base_gguf(self) -> Path:  # the base model's GGUFs, scored by evaluate for comparison; never published
+        return self.root / "base-gguf"
 
     @property
     def hub(self) -> Path:  # exactly the folder that is pushed: nothing else may land in it
@@ -164,13 +179,6 @@ def drop_marker(out: OutputDir, stage: str) -> None:
 # Formatting
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def table(rows: list[list], header: list[str]) -> str:
