@@ -351,6 +351,20 @@ def serving_line(store: ModelStore, settings: Settings, cpu: str) -> str:
             f"KV cache {human_size(kv)} ({settings.kv_type})")
 
 
+def feedback_from_env(settings: Settings) -> Feedback:
+    """FEEDBACK_DIR, pushed to FEEDBACK_REPO when set. A repo the Space cannot reach or write keeps feedback local
+    (with a warning): Like/Dislike must never stop the chat from starting."""
+    folder, repo = os.environ.get("FEEDBACK_DIR", "feedback"), os.environ.get("FEEDBACK_REPO", "").strip() or None
+    if repo:
+        try:
+            return Feedback(folder, repo, settings.hf_token)
+        except Exception as err:  # offline, no token, no write access: huggingface_hub raises many kinds
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"warning: feedback stays in {folder}/: FEEDBACK_REPO={repo} cannot be written ({first})",
+                  file=sys.stderr, flush=True)
+    return Feedback(folder)
+
+
 def main() -> None:
     global STORE, FEEDBACK
     try:
@@ -376,8 +390,7 @@ def main() -> None:
     except ConfigError as err:
         print(f"warning: {err}", file=sys.stderr)
     print(serving_line(STORE, settings, cpu), flush=True)
-    FEEDBACK = Feedback(os.environ.get("FEEDBACK_DIR", "feedback"), os.environ.get("FEEDBACK_REPO") or None,
-                        settings.hf_token)
+    FEEDBACK = feedback_from_env(settings)
     demo = build_ui(STORE.labels)
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
     demo.queue(max_size=4 * (settings.queue_size + settings.parallel) + 16)

@@ -82,6 +82,8 @@ def test_offline_mode_uses_the_cache_too(tmp_path, smollm2_gguf):
         ({"MODEL_REPO": REPO}, "MODEL_FILES is empty"),
         ({"N_CTX": "lots"}, "N_CTX='lots' is not a whole number"),
         ({"PROMPT_FORMAT": "alpaca"}, "PROMPT_FORMAT='alpaca' is unknown"),
+        ({"KV_CACHE_TYPE": "q4"}, "KV_CACHE_TYPE='q4' is unknown"),
+        ({"PARALLEL": "0"}, "PARALLEL=0 must be at least 1"),
     ],
 )
 def test_nothing_to_serve_exits_with_one_clear_sentence(tmp_path, env, says):

@@ -63,9 +63,33 @@ def test_markdown_latex_like_edit_and_saved_chats(server, browser):  # noqa: F81
     assert int(stats[1]) < int(stats[2])  # the system prompt and template were reused
     shot(page, "10-edited")
 
-    # 4. Past chats are kept in the browser: a new chat, and the previous one is listed to go back to.
+    # 4. Retry: the answer is generated again with the sliders as they are now, the prompt still from the cache.
+    page.get_by_test_id("bot").first.hover()
+    page.get_by_label("Retry", exact=True).first.click()
+    page.wait_for_function("old => { const m = document.querySelectorAll('[data-testid=bot]');"
+                           " return m.length === 1 && m[0].innerText.includes('tokens/s') && m[0].innerText !== old; }",
+                           arg=answer, timeout=60_000)
+    again = re.search(r"prompt (\d+) of (\d+) tokens evaluated", bot_messages(page).first.inner_text())
+    assert int(again[2]) == int(stats[2]) and int(again[1]) <= 1  # the same prompt, all of it but one token reused
+    shot(page, "11-retried")
+
+    # 5. Past chats are kept in the browser: a new chat, and the previous one is listed to go back to.
     page.get_by_role("button", name=re.compile("New chat", re.I)).first.click()
     page.wait_for_function("() => document.querySelectorAll('[data-testid=bot]').length === 0")
     assert page.get_by_text("Say hello in French").count() >= 1  # the saved chat's title in the side panel
-    shot(page, "11-saved-chats")
+    shot(page, "12-saved-chats")
+    page.close()
+
+
+def test_on_a_phone_a_visitor_sends_stops_and_reads_without_scrolling_sideways(server, browser):  # noqa: F811
+    page = open_page(browser, server.url, width=390, height=844)
+    send(page, "Write a long story about a dragon who learns to read. Make it at least 800 words.")
+    page.wait_for_function("() => { const m = document.querySelector('[data-testid=bot]');"
+                           " return m && m.innerText.length > 40; }", timeout=60_000)
+    page.get_by_test_id("stop-button").click()
+    page.get_by_test_id("stop-button").wait_for(state="hidden")
+    answer = bot_messages(page).first.inner_text()
+    assert len(answer) > 40 and "tokens/s" not in answer  # stopped before its end, and readable
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "13-phone-stopped")
     page.close()

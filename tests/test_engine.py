@@ -224,3 +224,16 @@ def test_the_waiting_line_seats_parallel_chats_of_one_model_first_come_first_ser
     line.leave(c)
     assert list(waiting_d) == []
     assert line.holders == {d: "m2"} and not line.waiting
+
+
+def test_a_q8_0_kv_cache_takes_about_half_the_memory_and_still_answers(smollm2_gguf, chatml):
+    """KV_CACHE_TYPE=q8_0: 34 bytes per 32 values against f16's 64, for the same cells."""
+    small = Engine(smollm2_gguf, n_ctx=512, parallel=2, kv_type="q8_0").start()
+    try:
+        request = run_alone(small, chatml(PROMPTS[0]))
+        assert request.error is None and request.text.strip()
+        full = Engine(smollm2_gguf, n_ctx=512, parallel=2, kv_type="f16").start()
+        assert small.kv_bytes / full.kv_bytes == pytest.approx(34 / 64, rel=1e-3)
+        full.close()
+    finally:
+        small.close()

@@ -87,3 +87,13 @@ def test_feedback_rows_hold_the_conversation_and_settings_and_go_to_the_hub(tmp_
     assert ("create_repo", "me/space-feedback", "dataset") in pushed
     assert ("create_commit", "me/space-feedback", ["feedback.csv"]) in pushed
     feedback.scheduler.stop()
+
+
+def test_a_feedback_repo_out_of_reach_keeps_feedback_local_and_the_chat_up(tmp_path, smollm2_gguf):
+    env = {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "512", "FEEDBACK_REPO": "me/space-feedback",
+           "FEEDBACK_DIR": str(tmp_path / "fb"), "HF_HUB_OFFLINE": "1"}
+    with app_server(tmp_path, env) as server:
+        assert "warning: feedback stays in" in server.output() and "FEEDBACK_REPO=me/space-feedback" in server.output()
+        answer = server.client().predict("Hi", smollm2_gguf.name, SYSTEM, 4, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        assert stats(answer)["generated"] >= 1
+    assert (tmp_path / "fb").is_dir()

@@ -280,6 +280,7 @@ def plot(med, chats, title: str, png: Path) -> None:
     ax.set_xlabel("concurrent chats")
     ax.set_ylabel("aggregate decode tokens/s")
     ax.set_xticks(chats)
+    ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
