@@ -13,7 +13,7 @@ import threading
 import pytest
 
 import app
-from ggufchat.engine import Engine, EngineError, Request, Sampling, WaitingLine, common_prefix
+from ggufchat.engine import COPY_MIN_TOKENS, Engine, EngineError, Request, Sampling, WaitingLine, common_prefix
 from ggufchat.errors import Busy
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -163,8 +163,9 @@ def test_a_long_prompt_arriving_does_not_stall_running_chats_beyond_a_chunk(engi
     assert newcomer.done.wait(120)
     "".join(stream)
     steps = list(engine.trace)[start - engine.steps:]
-    shared = common_prefix(long_prompt, running.ids)  # the system prompt, copied from the running chat's cells
-    assert len(running.stats.generated) == 120 and newcomer.stats.evaluated == len(long_prompt) - shared > 0
+    shared = common_prefix(long_prompt, running.ids)  # the system prompt: copied from the running chat if long enough
+    copied = shared if shared >= COPY_MIN_TOKENS else 0
+    assert len(running.stats.generated) == 120 and newcomer.stats.evaluated == len(long_prompt) - copied > 0
     # The newcomer's prompt went in chunks, each beside a token of the running chat: it never waited a whole prompt.
     prefill_steps = [p for a, p in steps if p > 0 and a > 0]
     assert sum(prefill_steps) == newcomer.stats.evaluated
@@ -173,36 +174,56 @@ def test_a_long_prompt_arriving_does_not_stall_running_chats_beyond_a_chunk(engi
     assert all(a == 1 for a, p in steps if p > 0 and a > 0)
 
 
-def test_each_chat_finds_its_own_cells_on_its_next_turn_and_shares_the_system_prompt(engine, chatml):
+def test_each_chat_finds_its_own_cells_on_its_next_turn_and_a_long_system_prompt_is_shared(engine):
     forget(engine)
-    prompts = [chatml(p) for p in PROMPTS]
+    tokenize = app.PromptTokenizer(engine.vocab)
+    system = "You are a helpful assistant. Answer in plain English, briefly and kindly, and say so when unsure."
+
+    def prompt(message):
+        return tokenize(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{message}<|im_end|>\n"
+                        f"<|im_start|>assistant\n")
+
+    prompts = [prompt(p) for p in PROMPTS]
     first = [run_alone(engine, prompts[0])]
     assert first[0].stats.evaluated == len(prompts[0])  # a cold cache
-    # The others start with the same system prompt: they take it from the first chat's cells (seq_cp), not anew.
+    # The others start with the same system prompt: they copy it from the first chat's stream, not evaluate it anew.
     first += run_together(engine, prompts[1:])
     for r in first[1:]:
         shared = common_prefix(r.ids, prompts[0])
-        assert shared > 10 and r.stats.evaluated == len(r.ids) - shared
+        assert shared >= COPY_MIN_TOKENS and r.stats.evaluated == len(r.ids) - shared
     # Each chat's second turn, all four at once, evaluates only what is new: the next message and the template.
-    tail = app.PromptTokenizer(engine.vocab)("<|im_end|>\n<|im_start|>user\nAnd why?<|im_end|>\n"
-                                             "<|im_start|>assistant\n")
+    tail = tokenize("<|im_end|>\n<|im_start|>user\nAnd why?<|im_end|>\n<|im_start|>assistant\n")
     second = run_together(engine, [r.ids + r.stats.generated + tail for r in first])
     for r1, r2 in zip(first, second):
         cut = r1.stats.reason == "length"  # its last token was sampled, never evaluated: it is evaluated now
         assert r2.stats.evaluated == len(tail) + cut, (r1.stats.reason, r2.stats.evaluated, len(tail))
 
 
-def test_a_full_kv_cache_ends_the_newest_chat_with_a_notice(smollm2_gguf, chatml):
-    """More demand than cells (a cache of 160 cells for four chats of up to 128 tokens): the newest chat gets a plain
-    notice, the others finish, and llama_decode's failure never reaches anyone as an exception."""
+def test_a_short_shared_beginning_is_evaluated_rather_than_copied(engine, chatml):
+    """Copying another chat's stream copies all of it: not worth it for a few tokens (COPY_MIN_TOKENS)."""
+    forget(engine)
+    a, b = chatml("Hi"), chatml("Hello")
+    run_alone(engine, a, max_tokens=2)
+    shared = common_prefix(a, b)
+    assert 0 < shared < COPY_MIN_TOKENS
+    request = run_together(engine, [b], max_tokens=2)[0]
+    assert request.stats.evaluated == len(b)
+
+
+def test_a_chat_stops_at_the_end_of_its_cells_and_never_takes_anothers(smollm2_gguf, chatml):
+    """More demand than cells: a cache of 160 cells for four chats is 40 per chat. Each answer stops when its own
+    cells are full (a clean end, as at max tokens), the others are untouched, llama_decode never fails, and a prompt
+    that alone would not fit gets a notice."""
     small = Engine(smollm2_gguf, n_ctx=128, parallel=4, n_threads=1, n_threads_batch=1, kv_cells=160).start()
     try:
+        assert small.ctx_per_chat == 40
         requests = run_together(small, [chatml(p) for p in PROMPTS], max_tokens=96, sampling=endless(small))
-        ended = [r for r in requests if r.error]
-        assert ended and all("memory is full" in r.error for r in ended)
-        assert any(r.error is None and r.stats.reason in ("stop", "length") for r in requests)
-        # The notice reaches the visitor as an EngineError with that text, through the stream they read.
-        assert all("memory is full" in str(r.raised) for r in ended)
+        for r in requests:
+            assert r.error is None and r.stats.reason == "length"
+            assert len(r.ids) + len(r.stats.generated) - 1 == 40  # its stream filled to the last cell, no further
+        too_long = small.submit(Request(chatml("word " * 40), 8, GREEDY))
+        with pytest.raises(EngineError, match="this model's context holds 40"):
+            "".join(too_long.stream())
     finally:
         small.close()
 

@@ -36,7 +36,7 @@ for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
 
 import app  # noqa: E402
 from bench_common import table  # noqa: E402
-from bench_serving import cache, llama_bench_build_dir, log, phi35_shaped, runtime_cmake_args, smollm2  # noqa: E402
+from bench_serving import cache, llama_bench_build_dir, log, phi35_shaped, smollm2  # noqa: E402
 from ggufchat.engine import Engine, Request, Sampling  # noqa: E402
 from serving import app_server, free_port  # noqa: E402
 
@@ -174,12 +174,19 @@ class ServerPath:
         self.process.wait(timeout=30)
 
 
+# llama-server built static for one x86 level. The app's build picks its CPU variant at run time; on a machine whose
+# best variant is haswell (AVX2, FMA, F16C, BMI2) these flags give llama-server the same kernels (the report prints
+# the app's variant beside them, so a mismatch shows).
+SERVER_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                "-DGGML_BMI2=ON", "-DBUILD_SHARED_LIBS=OFF"]
+
+
 def build_llama_server() -> Path:
-    """llama-server from the same sources and flags as llama-bench (bench_serving.py), in the same build folder."""
-    build = llama_bench_build_dir(runtime_cmake_args(), extra=["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"])
+    """llama.cpp's llama-server from the same sources as the installed llama-cpp-python (built once, cached)."""
+    build = llama_bench_build_dir(SERVER_FLAGS, extra=["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"])
     binary = build / "bin" / "llama-server"
     if not binary.is_file():
-        log("compiling llama-server (once)")
+        log("compiling llama-server (once; ~6 minutes on 2 cores)")
         subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                        check=True, stdout=subprocess.DEVNULL)
     return binary
@@ -254,7 +261,9 @@ def report(samples, arrivals, model: Path, threads: int, n_gen: int, args) -> No
             rows.append([name, b, f"{m['aggregate_tps']:.2f}", f"{gain:.2f}", f"{m['per_chat_tps']:.2f}",
                          f"{m['ttft_p50']:.2f}", f"{m['ttft_p95']:.2f}",
                          " ".join(f"{v:.2f}× {k}" for k, v in vs.items())])
-    print(f"\n{model.name}, {threads} threads, {n_gen} tokens per chat, {args.rounds} rounds (medians)\n")
+    print(f"\n{model.name}, {threads} threads, {n_gen} tokens per chat, {args.rounds} rounds (medians); the app's CPU "
+          f"variant: {app.load_cpu_backend()}" + (f"; llama-server: {' '.join(SERVER_FLAGS)}" if args.llama_server else "")
+          + "\n")
     print(table(rows, ["path", "chats", "aggregate tok/s", f"× {args.chats[0]} chat", "per-chat tok/s",
                        "TTFT p50 s", "TTFT p95 s", "aggregate vs"]))
     ratio = statistics.median(b / a for a, b in zip(arrivals["alone"], arrivals["beside three"]))
