@@ -16,7 +16,9 @@ from oasstbuild.common import BuildError
 
 # Two micro-batches of 2 rows per optimizer step: one process accumulates both, two processes take one each.
 # No LoRA dropout: each rank draws its own dropout masks, so with dropout the curves differ by design.
-COMMON = ["--max_steps", "8", "--eval_steps", "4", "--save_steps", "4", "--lora_dropout", "0", "--stages", "data,train"]
+# 5 steps stay inside the first epoch (22 rows): at an epoch's last, partial step one process accumulates fewer
+# micro-batches while accelerate evens the ranks out by repeating rows (seen: step 6 of 8 differed by 0.03).
+COMMON = ["--max_steps", "5", "--eval_steps", "2", "--save_steps", "2", "--lora_dropout", "0", "--stages", "data,train"]
 
 
 def free_port() -> int:
@@ -74,10 +76,17 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_phi3_hf, t
     check_ok(proc)
 
     (loss1, eval1), (loss2, eval2) = curve(one), curve(two)
-    assert len(loss1) == len(loss2) == 8
+    assert len(loss1) == len(loss2) == 5
     for a, b in zip(loss1, loss2):
         assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (loss1, loss2)
-    assert loss2[-1] < loss2[0]  # it learned
+    assert eval2[-1] < eval2[0]  # it learned
+    # and the adapters the two runs kept are the same weights
+    from safetensors.torch import load_file
+
+    a1, a2 = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (one, two))
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        assert (a1[k] - a2[k]).abs().max().item() < 1e-3, k
     assert len(eval1) == len(eval2)
     for a, b in zip(eval1, eval2):  # eval rows are split between ranks and averaged per batch: looser
         assert abs(a - b) < 0.05 * abs(a), (eval1, eval2)
@@ -87,19 +96,21 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_phi3_hf, t
     assert log.count("[data] done") == 1 and log.count("[train] done") == 1, log[-3000:]
     assert sorted(p.name for p in (two / ".stages").iterdir()) == ["data.json", "train.json"]
     report = json.loads((two / "report.json").read_text())
-    assert report["train"]["steps"] == 8
+    assert report["train"]["steps"] == 5
 
-    # Killed after the step-4 checkpoint (its marker and the later checkpoint gone): every rank resumes from step 4
-    # and the curve ends as the uninterrupted one did.
+    # Killed after the step-2 checkpoint (no train marker, no later checkpoint): every rank resumes from step 2 and
+    # the curve ends as the uninterrupted one did.
     import shutil
 
     (two / ".stages" / "train.json").unlink()
-    shutil.rmtree(two / "adapter" / "checkpoints" / "checkpoint-8")
+    for later in (two / "adapter" / "checkpoints").glob("checkpoint-*"):  # 4, and 5 (Trainer saves the last step)
+        if int(later.name.split("-")[1]) > 2:
+            shutil.rmtree(later)
     proc = torchrun(2, *base, "--gradient_accumulation_steps", "2", "--output-dir", two)
     check_ok(proc)
     log = proc.stdout + proc.stderr
-    assert log.count("[train] resuming from checkpoint-4") == 1, log[-3000:]
+    assert log.count("[train] resuming from checkpoint-2") == 1, log[-3000:]
     resumed, _ = curve(two)
-    assert len(resumed) == 8
+    assert len(resumed) == 5
     for a, b in zip(resumed, loss2):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (resumed, loss2)
