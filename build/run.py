@@ -40,7 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the oasstbuild packa
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # ggufchat: evaluate loads llama.cpp the way the Space does
 
 # Stage modules import only the standard library at import time: torch & co. load inside the stages.
-from oasstbuild import basemodel, data, distributed, evaluation, export, merge, preflight, publish, quantize, train  # noqa: E402
+from oasstbuild import (  # noqa: E402
+    basemodel,
+    data,
+    distributed,
+    evaluation,
+    export,
+    merge,
+    preflight,
+    publish,
+    quantize,
+    train,
+)
 from oasstbuild.architectures import get_arch  # noqa: E402
 from oasstbuild.common import (  # noqa: E402
     BuildError,
@@ -241,7 +252,11 @@ def _main(argv) -> int:
             source = (base or basemodel.resolve(recipe, out.base)) if recipe.eval_base else None
             return evaluation.run(recipe, out.merged, files, out.data / "eval.jsonl", source, out.base_gguf)
 
-        stages.run("evaluate", evaluate, into=lambda r: {"base": None, "finetune_vs_base": None, **r})
+        stages.run(
+            "evaluate",
+            evaluate,
+            into=lambda r: {"base": None, "finetune_vs_base": None, "side_by_side": None, "judged": None, **r},
+        )
 
     # ---- 7. publish: hub/ (+ upload when hub_repo is set) -----------------------------------------------------------
     if model_type is None and out.merged.joinpath("config.json").is_file():
