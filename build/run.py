@@ -156,6 +156,12 @@ def summary(stages: Stages, report: dict) -> str:
             f"\nfine-tune vs base ({q}): held-out perplexity {c['base']:.3f} -> {c['finetuned']:.3f} "
             f"({c['change']:+.1%})"
         )
+    if report.get("judged"):
+        j = report["judged"]
+        text += (
+            f"\njudged by {j['judge_model']} on {j['n']} held-out prompts (both orders): fine-tune win {j['win']} / "
+            f"tie {j['tie']} / loss {j['loss']}, win rate {j['win_rate']} ({j['level']:.0%} interval {j['interval']})"
+        )
     if report.get("train"):
         t = report["train"]
         text += (
