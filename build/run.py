@@ -16,8 +16,12 @@
     # a llama.cpp checkout instead of the converter from the llama-cpp-python sdist
     python build/run.py --llama-cpp-dir ~/src/llama.cpp
 
+    # every GPU of the machine (DDP, or FSDP-QLoRA with build/accelerate/fsdp_qlora.yaml); same global batch
+    accelerate launch --config_file build/accelerate/multi_gpu.yaml build/run.py
+
 Outputs in --output-dir (default outputs/<recipe>): data/, adapter/, merged/, gguf/, hub/ (exactly what is pushed)
 and report.json. A run killed during training resumes from its latest checkpoint when started again.
+Launched as several processes, all of them train; only the main one runs the other stages and writes outputs.
 """
 
 from __future__ import annotations
@@ -36,7 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the oasstbuild packa
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # ggufchat: evaluate loads llama.cpp the way the Space does
 
 # Stage modules import only the standard library at import time: torch & co. load inside the stages.
-from oasstbuild import basemodel, data, evaluation, export, merge, preflight, publish, quantize, train  # noqa: E402
+from oasstbuild import (  # noqa: E402
+    basemodel,
+    data,
+    distributed,
+    evaluation,
+    export,
+    merge,
+    preflight,
+    publish,
+    quantize,
+    train,
+)
 from oasstbuild.architectures import get_arch  # noqa: E402
 from oasstbuild.common import (  # noqa: E402
     BuildError,
@@ -59,8 +74,17 @@ NEEDS_BASE = {"data", "train", "merge"}
 class Stages:
     """Runs stages in order, skipping those whose marker matches; chains fingerprints so upstream changes propagate."""
 
-    def __init__(self, out: OutputDir, recipe: Recipe, selected: list[str], force: bool, report: dict):
+    def __init__(
+        self,
+        out: OutputDir,
+        recipe: Recipe,
+        selected: list[str],
+        force: bool,
+        report: dict,
+        procs: distributed.Procs = distributed.Procs(),
+    ):
         self.out, self.recipe, self.selected, self.force, self.report = out, recipe, selected, force, report
+        self.procs = procs
         self.upstream = ""  # digest of the previous stage's completed run
         self.timings: dict[str, dict] = {}
 
@@ -73,26 +97,46 @@ class Stages:
         if STAGES.index(name) > max(STAGES.index(s) for s in self.selected):
             return None
         fp = self.fingerprint(name, extra() if callable(extra) else extra)
+        if not self.procs.is_main and name != "train":
+            return self._follow(name, fp)
         marker = read_marker(self.out, name, fp)
         if name not in self.selected:
             if marker is None:
                 raise BuildError(f"stage '{name}' has no up-to-date output in {self.out.root}: add it to --stages")
         elif marker is not None and not self.force:
-            log(f"[{name}] up to date, skipped (--force to redo)")
+            if self.procs.is_main:
+                log(f"[{name}] up to date, skipped (--force to redo)")
             self.timings[name] = {"status": "skipped", "seconds": marker["seconds"]}
         else:
-            log(f"[{name}] running")
-            drop_marker(self.out, name)  # a stage that dies half-way must not look complete next time
+            if self.procs.is_main:
+                log(f"[{name}] running")
+                drop_marker(self.out, name)  # a stage that dies half-way must not look complete next time
             t0 = time.perf_counter()
             result, files = fn(fp)
             seconds = time.perf_counter() - t0
+            if not self.procs.is_main:  # a training rank besides the main one: the main process records the stage
+                return result
             marker = write_marker(self.out, name, fp, result, files, seconds)
             self.timings[name] = {"status": "ran", "seconds": round(seconds, 1)}
             log(f"[{name}] done in {seconds:.1f} s")
         self.upstream = marker["digest"]
+        if not self.procs.is_main:  # only train gets here: nothing to record
+            return marker["result"]
         self.report.update(into(marker["result"]) if into else {name: marker["result"]})
         self.report.setdefault("stage_seconds", {})[name] = marker["seconds"]
         write_json(self.out.report, self.report)
+        if self.procs.multi and STAGES.index(name) < STAGES.index("train"):
+            distributed.barrier(self.procs)  # the other ranks wait for this stage's output (see _follow)
+        return marker["result"]
+
+    def _follow(self, name: str, fp: str) -> dict:
+        """On a rank other than the main one, a stage before train: wait until the main process has run it, then
+        take its marker (for the fingerprint chain). Nothing is written."""
+        distributed.barrier(self.procs)
+        marker = read_marker(self.out, name, fp)
+        if marker is None:
+            raise BuildError(f"rank {self.procs.rank}: the main process's '{name}' stage left no matching output")
+        self.upstream = marker["digest"]
         return marker["result"]
 
 
@@ -111,6 +155,12 @@ def summary(stages: Stages, report: dict) -> str:
         text += (
             f"\nfine-tune vs base ({q}): held-out perplexity {c['base']:.3f} -> {c['finetuned']:.3f} "
             f"({c['change']:+.1%})"
+        )
+    if report.get("judged"):
+        j = report["judged"]
+        text += (
+            f"\njudged by {j['judge_model']} on {j['n']} held-out prompts (both orders): fine-tune win {j['win']} / "
+            f"tie {j['tie']} / loss {j['loss']}, win rate {j['win_rate']} ({j['level']:.0%} interval {j['interval']})"
         )
     if report.get("train"):
         t = report["train"]
@@ -147,32 +197,45 @@ def _main(argv) -> int:
     args, overrides = parse_args(argv, __doc__)
     recipe = load_recipe(args.recipe, overrides)
     out = OutputDir(Path(args.output_dir or Path("outputs") / recipe.name).resolve())
+    procs = distributed.from_env()
+    if procs.multi:
+        distributed.accumulation_steps(recipe.gradient_accumulation_steps, procs)  # fails in one sentence, early
 
     # ---- Preflight: what can fail in seconds must not fail after hours of training -------------------------------
     if "train" in args.stages:
         preflight.check_cuda(recipe)
     preflight.check_sources(recipe, args.stages, NEEDS_BASE)
-    out.root.mkdir(parents=True, exist_ok=True)
-    log(f"recipe {recipe.name} -> {out.root}; stages: {','.join(args.stages)}")
-    if "publish" in args.stages and recipe.hub_repo:
+    if "publish" in args.stages and recipe.hub_repo and procs.is_main:
         publish.preflight(recipe)
+    distributed.start(procs)
+    out.root.mkdir(parents=True, exist_ok=True)
+    if procs.is_main:
+        where = f" on {procs.world_size} processes (only train runs on all)" if procs.multi else ""
+        log(f"recipe {recipe.name} -> {out.root}; stages: {','.join(args.stages)}{where}")
     base = model_type = None
     if NEEDS_BASE & set(args.stages):
         t0 = time.perf_counter()
+        if not procs.is_main:
+            distributed.barrier(procs)  # the main process downloads or materialises the base first
         base = basemodel.resolve(recipe, out.base)
+        if procs.is_main:
+            distributed.barrier(procs)
         model_type = basemodel.model_type(base)
         get_arch(model_type).check_gguf_name(recipe.gguf_name)
-        log(f"[base] {base} ({model_type}) ready in {time.perf_counter() - t0:.1f} s")
+        if procs.is_main:
+            log(f"[base] {base} ({model_type}) ready in {time.perf_counter() - t0:.1f} s")
 
     report = read_json(out.report) or {}
     report.update(recipe=recipe.name, output_dir=str(out.root), versions=versions())
-    stages = Stages(out, recipe, args.stages, args.force, report)
+    stages = Stages(out, recipe, args.stages, args.force, report, procs)
 
     # ---- 1. data: oasst1 trees -> best-ranked multi-turn conversations ------------------------------------------
     stages.run("data", lambda fp: data.run(recipe, base, out.data), extra=lambda: basemodel.source_id(recipe))
 
     # ---- 2. train: QLoRA SFT (TRL + PEFT), resumable -------------------------------------------------------------
-    stages.run("train", lambda fp: train.run(recipe, base, out.data, out.adapter, fp, args.force))
+    stages.run("train", lambda fp: train.run(recipe, base, out.data, out.adapter, fp, args.force, procs))
+    if not procs.is_main:
+        return 0  # merge, export, quantize, evaluate and publish run on the main process alone
 
     # ---- 3. merge: 16-bit base + adapter, logits checked -----------------------------------------------------------
     stages.run("merge", lambda fp: merge.run(recipe, base, out.adapter, out.data, out.merged))
@@ -195,7 +258,11 @@ def _main(argv) -> int:
             source = (base or basemodel.resolve(recipe, out.base)) if recipe.eval_base else None
             return evaluation.run(recipe, out.merged, files, out.data / "eval.jsonl", source, out.base_gguf)
 
-        stages.run("evaluate", evaluate, into=lambda r: {"base": None, "finetune_vs_base": None, **r})
+        stages.run(
+            "evaluate",
+            evaluate,
+            into=lambda r: {"base": None, "finetune_vs_base": None, "side_by_side": None, "judged": None, **r},
+        )
 
     # ---- 7. publish: hub/ (+ upload when hub_repo is set) -----------------------------------------------------------
     if model_type is None and out.merged.joinpath("config.json").is_file():

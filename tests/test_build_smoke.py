@@ -208,3 +208,21 @@ def test_the_base_model_is_scored_the_same_way(smoke_run, report):
     card = (smoke_run / "hub" / "README.md").read_text()
     assert "| base model, F16 |" in card and "the fine-tune lowered held-out perplexity by" in card
     assert not any("base" in p.name for p in (smoke_run / "hub").iterdir()), "the base is never published"
+
+
+def test_base_and_finetuned_answer_the_same_held_out_prompts(smoke_run, report):
+    """Side by side in report.json and the card: held-out first prompts, the base's and the fine-tune's answers with
+    the same sampling and seed (Q4_K_M both, the file the Space serves)."""
+    sbs = report["side_by_side"]
+    assert sbs["type"] == "Q4_K_M" and sbs["seed"] == 1234 and sbs["max_tokens"] == 64
+    assert len(sbs["answers"]) == 3
+    held_out = [json.loads(x)["messages"] for x in (smoke_run / "data" / "eval.jsonl").read_text().splitlines()]
+    firsts = [next(m["content"] for m in c if m["role"] == "user") for c in held_out]
+    for a in sbs["answers"]:
+        assert a["prompt"] in firsts
+        assert a["base"] and a["finetuned"]
+    assert any(a["base"] != a["finetuned"] for a in sbs["answers"]), "the two models answered identically"
+    card = (smoke_run / "hub" / "README.md").read_text()
+    assert "## Base vs fine-tuned" in card and "| prompt | base model | fine-tuned |" in card
+    assert card.count("\n| ", card.index("| prompt | base model")) >= 3
+    assert "judged" not in report or report["judged"] is None  # off by default

@@ -50,6 +50,51 @@ def _versus_base(report: dict) -> str:
     )
 
 
+def _cell(text: str) -> str:
+    """Model text in one markdown table cell: HTML-escaped (it is the model's output, not markup), pipes escaped,
+    line breaks kept."""
+    import html
+
+    text = "".join(c for c in text.strip() if c == "\n" or c.isprintable()) or "(empty)"  # no control characters
+    return html.escape(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _side_by_side(report: dict) -> str:
+    sbs = report.get("side_by_side") or {}
+    if not sbs.get("answers"):
+        return ""
+    rows = "\n".join(
+        f"| {_cell(a['prompt'])} | {_cell(a['base'])} | {_cell(a['finetuned'])} |" for a in sbs["answers"]
+    )
+    return f"""
+
+## Base vs fine-tuned
+
+The first user message of {len(sbs["answers"])} held-out conversations, answered by the base model and by the
+fine-tune ({sbs["type"]} both, temperature {sbs["temperature"]:g}, seed {sbs["seed"]}, at most {sbs["max_tokens"]}
+tokens; the same sampling for both, nothing picked by hand):
+
+| prompt | base model | fine-tuned |
+|---|---|---|
+{rows}"""
+
+
+def _judged(report: dict) -> str:
+    j = report.get("judged") or {}
+    if not j.get("n"):
+        return ""
+    lo, hi = j["interval"]
+    return (
+        f"\n\nJudged by `{j['judge_model']}` on {j['n']} held-out prompts, each pair shown in both orders: the "
+        f"fine-tune wins {j['win']}, ties {j['tie']}, loses {j['loss']}; win rate (ties count half) "
+        f"{j['win_rate']:.2f}, {j['level']:.0%} bootstrap interval {lo:.2f}-{hi:.2f}."
+    )
+
+
+def _comparisons(report: dict) -> str:
+    return _side_by_side(report) + _judged(report)
+
+
 def render(recipe: Recipe, report: dict, files: list[str], images: list[str], model_type: str) -> str:
     import yaml
 
@@ -90,7 +135,7 @@ Measured on the build machine with llama-cpp-python {report.get("versions", {}).
 perplexity over the assistant tokens of {ev.get("conversations", "?")} held-out conversations (lower is better; every
 file scores the same token ids), greedy decode speed with {ev.get("threads", "?")} CPU thread(s).{f16_note}
 
-{_quant_table(report.get("quants", []), report.get("base") or [])}{_versus_base(report)}
+{_quant_table(report.get("quants", []), report.get("base") or [])}{_versus_base(report)}{_comparisons(report)}
 
 ## Training
 

@@ -77,6 +77,91 @@ def sample_answer(llm, prompt_ids: list[int], max_tokens: int) -> dict:
     }
 
 
+def first_prompts(conversations: list[list[dict]], n: int) -> list[str]:
+    """The opening user message of the first n held-out conversations (the prompts the side-by-side answers)."""
+    prompts = []
+    for messages in conversations:
+        user = next((m["content"] for m in messages if m["role"] == "user"), None)
+        if user and user not in prompts:
+            prompts.append(user)
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def sampled_answers(path: Path, prompt_ids: list[list[int]], recipe: Recipe, threads: int, batch_threads: int):
+    """One sampled answer per prompt: the recipe's temperature, llama.cpp's default top-k/top-p, and the same seed
+    for every prompt and every model, so that the base and the fine-tune are compared under identical sampling."""
+    from ggufchat.cpu_backend import load_cpu_backend
+    from llama_cpp import Llama
+
+    load_cpu_backend()
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=recipe.eval_ctx,
+        n_threads=threads,
+        n_threads_batch=batch_threads,
+        seed=recipe.compare_seed,
+        verbose=False,
+    )
+    try:
+        answers = []
+        for ids in prompt_ids:
+            llm.reset()
+            out = llm.create_completion(
+                ids,
+                max_tokens=recipe.compare_max_tokens,
+                temperature=recipe.compare_temperature,
+                seed=recipe.compare_seed,
+            )
+            answers.append(out["choices"][0]["text"].strip())
+        return answers
+    finally:
+        llm.close()
+
+
+def compare_answers(
+    recipe: Recipe, tokenizer, conversations, finetuned: Path, base: Path, quant_type: str, threads, batch_threads
+) -> dict:
+    """Base and fine-tuned answers to held-out first prompts (side by side), and the judged comparison if the
+    recipe names a judge."""
+    n = max(recipe.compare_prompts, recipe.judge_prompts if recipe.judge_model else 0)
+    prompts, ids = [], []
+    for prompt in first_prompts(conversations, len(conversations)):
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        if len(enc) + recipe.compare_max_tokens <= recipe.eval_ctx:  # room to answer in the evaluation context
+            prompts.append(prompt)
+            ids.append(enc)
+        if len(prompts) == n:
+            break
+    log(f"[evaluate] base and fine-tune ({quant_type}) answer {len(prompts)} held-out prompts (same sampling)")
+    ours = sampled_answers(finetuned, ids, recipe, threads, batch_threads)
+    theirs = sampled_answers(base, ids, recipe, threads, batch_threads)
+    k = recipe.compare_prompts
+    result = {
+        "side_by_side": {
+            "type": quant_type,
+            "temperature": recipe.compare_temperature,
+            "seed": recipe.compare_seed,
+            "max_tokens": recipe.compare_max_tokens,
+            "answers": [{"prompt": p, "base": b, "finetuned": f} for p, b, f in zip(prompts[:k], theirs, ours)],
+        }
+    }
+    if recipe.judge_model:
+        from .judge import judge
+
+        judged = judge(recipe.judge_model, prompts, theirs, ours, seed=recipe.compare_seed)
+        log(
+            f"[evaluate] judged by {recipe.judge_model} on {judged['n']} prompts: fine-tune win {judged['win']} / "
+            f"tie {judged['tie']} / loss {judged['loss']}, win rate {judged['win_rate']} "
+            f"({judged['level']:.0%} interval {judged['interval']})"
+        )
+        result["judged"] = judged
+    return result
+
+
 def thread_counts(recipe: Recipe) -> tuple[int, int]:
     """(generation threads, prompt-processing threads): the recipe's, or every CPU this process may use. Under
     run.py's OMP_WAIT_POLICY=PASSIVE a busy core no longer stalls the others; decode of a very small model is then
@@ -189,10 +274,11 @@ def run(
     from .train import mask_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    held_out = load_conversations(eval_jsonl, 0)
     inputs = score_inputs(
         tokenizer,
         mask_template(recipe, tokenizer),
-        load_conversations(eval_jsonl, recipe.eval_conversations),
+        held_out[: recipe.eval_conversations] if recipe.eval_conversations > 0 else held_out,
         recipe.eval_ctx,
     )
     prompt_ids = tokenizer.apply_chat_template(
@@ -218,11 +304,19 @@ def run(
     result: dict = {"quants": rows}
     if recipe.eval_base and base is not None and base_gguf_dir is not None:
         # Same token ids, same conversations, same llama.cpp: only the weights differ.
-        result["base"] = score(base_ggufs(recipe, base, base_gguf_dir))
+        base_files = base_ggufs(recipe, base, base_gguf_dir)
+        result["base"] = score(base_files)
         result["finetune_vs_base"] = perplexity_change(rows, result["base"])
         for q, c in result["finetune_vs_base"].items():
             log(f"[evaluate] {q}: perplexity base {c['base']:.3f} -> fine-tuned {c['finetuned']:.3f} "
                 f"({c['change']:+.1%})")
+        if recipe.compare_prompts > 0 or recipe.judge_model:
+            # The file the Space serves by default (the first quant type), base and fine-tune alike.
+            q, base_path = base_files[-1]
+            ours = dict(gguf_files)[q]
+            result.update(
+                compare_answers(recipe, tokenizer, held_out, ours, base_path, q, threads, batch_threads)
+            )
     meta = {
         "conversations": len(inputs),
         "n_ctx": recipe.eval_ctx,

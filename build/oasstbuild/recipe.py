@@ -212,6 +212,25 @@ class EvalArguments:
         "What is the capital of France? Answer in one sentence.", "Prompt for the sample answer.", "evaluate"
     )
     sample_max_tokens: int = _f(128, "Max tokens of the sample answer (also the tokens/s measurement).", "evaluate")
+    compare_prompts: int = _f(
+        3,
+        "Held-out first prompts answered by the base and the fine-tune (first of quant_types, same sampling and "
+        "seed), side by side in report.json and the card; 0 = none. Needs eval_base.",
+        "evaluate",
+    )
+    compare_max_tokens: int = _f(160, "Max tokens of each side-by-side (and judged) answer.", "evaluate")
+    compare_temperature: float = _f(0.7, "Sampling temperature of the side-by-side (and judged) answers.", "evaluate")
+    compare_seed: int = _f(
+        1234, "Sampling seed of the side-by-side (and judged) answers, the same for both models.", "evaluate"
+    )
+    judge_model: str = _f(
+        "",
+        "Optional judged comparison (for a GPU box; off when empty): a local HF chat model (folder or cached Hub id) "
+        "that picks the better of the base's and the fine-tune's answers to judge_prompts held-out prompts, in both "
+        "orders; the report gives win/tie/loss with a bootstrap interval.",
+        "evaluate",
+    )
+    judge_prompts: int = _f(64, "Held-out first prompts for the judged comparison.", "evaluate")
 
 
 @dataclass
@@ -399,9 +418,12 @@ def validate(r: Recipe) -> None:
         "lora_r",
         "eval_ctx",
         "sample_max_tokens",
+        "compare_max_tokens",
     ):
         if getattr(r, name) <= 0:
             raise BuildError(f"{name} must be positive, got {getattr(r, name)}")
+    if r.judge_model and not r.eval_base:
+        raise BuildError("judge_model compares the fine-tune with its base: it needs eval_base true")
     if r.save_steps % r.eval_steps:
         # Trainer's load_best_model_at_end can only pick among checkpoints whose eval loss it knows.
         raise BuildError(

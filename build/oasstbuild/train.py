@@ -15,6 +15,7 @@ from pathlib import Path
 from .architectures import get_arch
 from .basemodel import copy_tokenizer_files
 from .common import BuildError, log, read_json, write_json
+from .distributed import Procs, accumulation_steps, from_main, fsdp
 from .recipe import Recipe, template_path
 
 CHECKPOINT_FILES = ("trainer_state.json",)  # written last by Trainer._save_checkpoint: its presence = complete
@@ -72,8 +73,9 @@ def lora_targets(recipe: Recipe, model_type: str) -> list[str]:
     return recipe.lora_target_modules or list(get_arch(model_type).lora_targets)
 
 
-def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Path):
-    """An SFTTrainer ready to train (also used by the tests to inspect the loss mask)."""
+def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Path, procs: Procs = Procs()):
+    """An SFTTrainer ready to train (also used by the tests to inspect the loss mask). With several processes each
+    one builds its own (DDP or FSDP wrap it), on its own GPU, with the accumulation split between them."""
     import torch
     from peft import LoraConfig
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -86,6 +88,7 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         mask_template(recipe, tokenizer, check_on=train_ds[:3]["messages"])  # fail before loading the model
 
     cuda = torch.cuda.is_available()
+    sharded = fsdp()
     dtype = getattr(torch, recipe.compute_dtype)
     quant = None
     if recipe.load_in_4bit:
@@ -94,13 +97,18 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
             bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP shards float tensors only: bitsandbytes' FSDP-QLoRA guide stores the packed 4-bit weights in the
+            # compute dtype, so that they shard (and flatten with the LoRA weights) like the rest of the model.
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )
     model = AutoModelForCausalLM.from_pretrained(
         base,
         dtype=dtype,
         quantization_config=quant,
         attn_implementation=recipe.attn_implementation,
-        device_map={"": 0} if cuda else None,  # one GPU: keep every 4-bit shard on it
+        # Every 4-bit shard on this process's GPU (DDP: a whole copy per GPU). Under FSDP, accelerate places and
+        # shards the model itself (cpu_ram_efficient_loading: rank 0 reads the weights, sync_module_states sends them).
+        device_map={"": procs.local_rank} if cuda and not sharded else None,
     )
     if quant is not None and not cuda:
         # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel the first time it runs in
@@ -123,7 +131,8 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         max_length=recipe.max_length,
         per_device_train_batch_size=recipe.per_device_train_batch_size,
         per_device_eval_batch_size=recipe.per_device_eval_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        # The global batch stays the single-GPU recipe's: per-device batch x accumulation x processes.
+        gradient_accumulation_steps=accumulation_steps(recipe.gradient_accumulation_steps, procs),
         num_train_epochs=recipe.num_train_epochs,
         max_steps=recipe.max_steps,
         learning_rate=recipe.learning_rate,
@@ -162,6 +171,8 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         use_cpu=not cuda,
         report_to=["tensorboard"],
         dataloader_num_workers=0,
+        # DDP: every LoRA weight gets a gradient at every step, so skip the search for unused parameters.
+        ddp_find_unused_parameters=False,
     )
     trainer = SFTTrainer(
         model=model,
@@ -177,7 +188,9 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if recipe.compile_decoder:
+    if recipe.compile_decoder and sharded:
+        log("[train] compile_decoder is off under FSDP: compiled layers inside FSDP's wrapping are untested here")
+    elif recipe.compile_decoder:
         # Layer by layer and in place: parameter names (checkpoints, the adapter) stay the eager model's, identical
         # layers reuse one compiled graph, and TRL's chunked loss head and the PEFT wrapper stay eager. Gradient
         # checkpointing wraps each compiled layer (transformers' GradientCheckpointingLayer.__call__), so backward
@@ -313,17 +326,26 @@ def plot_loss(history: list[dict], png: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, force: bool) -> tuple[dict, list[Path]]:
+def run(
+    recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, force: bool, procs: Procs = Procs()
+) -> tuple[dict | None, list[Path]]:
+    """Train; with several processes every rank calls this, and only the main one prepares the folders and writes the
+    adapter, the plot and the result (the others return (None, []))."""
     checkpoints = adapter_dir / "checkpoints"
-    resume = prepare_checkpoints(checkpoints, fp, force)
-    for entry in adapter_dir.iterdir():  # a rerun starts from an empty adapter/ (checkpoints aside)
-        if entry != checkpoints:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    resume = None
+    if procs.is_main:
+        resume = prepare_checkpoints(checkpoints, fp, force)
+        for entry in adapter_dir.iterdir():  # a rerun starts from an empty adapter/ (checkpoints aside)
+            if entry != checkpoints:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    # Every rank resumes from the checkpoint the main process chose, once it has cleared stale ones.
+    resume_name = from_main(procs, resume.name if resume else None)
+    resume = checkpoints / resume_name if resume_name else None
 
-    trainer = build_trainer(recipe, base, data_dir, checkpoints)
+    trainer = build_trainer(recipe, base, data_dir, checkpoints, procs)
     throughput = throughput_callback()
     trainer.add_callback(throughput)
-    if resume:
+    if resume and procs.is_main:
         log(f"[train] resuming from {resume.name}")
     compile_error = train_with_compile_fallback(trainer, recipe, resume)
     state = trainer.state
@@ -336,7 +358,15 @@ def run(recipe: Recipe, base: str, data_dir: Path, adapter_dir: Path, fp: str, f
     best = state.best_model_checkpoint
     best_step = int(Path(best).name.removeprefix("checkpoint-")) if best else state.global_step
 
-    trainer.save_model(str(adapter_dir))
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # A full (gathered) state dict, so that the adapter saved is an ordinary PEFT adapter, not shards.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))  # a collective under FSDP: every rank calls it, the main one writes
+    if not procs.is_main:
+        trainer.accelerator.free_memory()
+        del trainer, state
+        release_memory()
+        return None, []
     # The trainer's tokenizer may carry the training twin of the template; ship the base's own files, as they are.
     copy_tokenizer_files(base, adapter_dir)
     write_json(adapter_dir / "log_history.json", history)
