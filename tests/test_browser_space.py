@@ -13,6 +13,8 @@ from serving import app_server
 from test_browser import bot_messages, browser, open_page, send, shot, wait_for_answer  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
+LONG_SYSTEM = ("You are a helpful assistant for visitors of a chat demo. Answer briefly and kindly, in plain "
+               "English, and say so when you are not sure.")
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,10 @@ def server(tmp_path_factory, smollm2_gguf):
 
 def test_markdown_latex_like_edit_and_saved_chats(server, browser):  # noqa: F811 - the browser fixture
     page = open_page(browser, server.url)
+    # A system message long enough that a new prompt starting with it copies it from the cache rather than reading it
+    # again (ggufchat.engine.COPY_MIN_TOKENS): the edit below shows that reuse.
+    page.get_by_text("Additional inputs").click()
+    page.get_by_label("System message").fill(LONG_SYSTEM)
     # 1. A message with a code block and formulas in three notations: rendered, not shown as source.
     send(page, "Explain this code:\n```python\nprint(2 ** 10)\n```\nand the formulas $e^{i\\pi}+1=0$ and \\(a^2+b^2=c^2\\).")
     wait_for_answer(page, 1)
@@ -60,7 +66,7 @@ def test_markdown_latex_like_edit_and_saved_chats(server, browser):  # noqa: F81
     answer = bot_messages(page).first.inner_text()
     stats = re.search(r"prompt (\d+) of (\d+) tokens evaluated", answer)
     assert stats, answer
-    assert int(stats[1]) < int(stats[2])  # the system prompt and template were reused
+    assert int(stats[1]) < int(stats[2])  # the system message was reused: copied from the first prompt's cells
     shot(page, "10-edited")
 
     # 4. Retry: the answer is generated again with the sliders as they are now, the prompt still from the cache.

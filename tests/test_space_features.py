@@ -97,3 +97,16 @@ def test_a_feedback_repo_out_of_reach_keeps_feedback_local_and_the_chat_up(tmp_p
         answer = server.client().predict("Hi", smollm2_gguf.name, SYSTEM, 4, 0.7, 0.95, 40, 1.1, api_name="/chat")
         assert stats(answer)["generated"] >= 1
     assert (tmp_path / "fb").is_dir()
+
+
+def test_the_info_line_says_when_a_file_is_this_projects_own_build(tmp_path, smoke_run, smollm2_gguf):
+    """The build names its GGUF after the recipe (general.name ...-oasst1...): the page says it was built here."""
+    import urllib.request
+
+    q4 = next((smoke_run / "hub").glob("*-Q4_K_M.gguf"))
+    for served, ours in ((q4, True), (smollm2_gguf, False)):
+        with app_server(tmp_path, {"MODEL_PATH": str(served), "N_CTX": "512"}) as server:
+            config = json.loads(urllib.request.urlopen(server.url + "config", timeout=30).read())
+        info = next(c["props"]["value"] for c in config["components"]
+                    if c.get("type") == "markdown" and "prompt format" in str(c["props"].get("value")))
+        assert served.name in info and ("built by this Space's `build/run.py`" in info) == ours, info
