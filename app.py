@@ -21,7 +21,8 @@ import gradio as gr
 
 from ggufchat.backends import Done, EngineSettings, ModelStore, answer
 from ggufchat.cpu_backend import load_cpu_backend
-from ggufchat.engine import KV_TYPES, EngineError, WaitingLine  # noqa: F401 - WaitingLine: tests use it from here
+from ggufchat.engine import KV_TYPES, EngineError
+from ggufchat.line import WaitingLine  # noqa: F401 - tests use it from here
 from ggufchat.errors import BadRequest, Busy, ConfigError
 from ggufchat.feedback import Feedback
 from ggufchat.files import ModelSpec, fetch_model_files

@@ -16,8 +16,8 @@
     # a llama.cpp checkout instead of the converter from the llama-cpp-python sdist
     python build/run.py --llama-cpp-dir ~/src/llama.cpp
 
-    # every GPU of the machine (DDP, or FSDP-QLoRA with build/accelerate/fsdp_qlora.yaml); same global batch
-    accelerate launch --config_file build/accelerate/multi_gpu.yaml build/run.py
+    # every GPU of the machine (DDP, or FSDP-QLoRA with build/accelerate_configs/fsdp_qlora.yaml); same global batch
+    accelerate launch --config_file build/accelerate_configs/multi_gpu.yaml build/run.py
 
 Outputs in --output-dir (default outputs/<recipe>): data/, adapter/, merged/, gguf/, hub/ (exactly what is pushed)
 and report.json. A run killed during training resumes from its latest checkpoint when started again.

@@ -7,6 +7,8 @@ Each module owns one thing and says so at its top:
 - files        model files: Hub downloads through the HF cache, local paths, integrity checks
 - prompt       prompt formats, the injection-proof tokenizer, history fitting
 - engine       several chats decoded together in one llama.cpp context (slots, sampling, prefix reuse)
+- line         the waiting line: seats at the engine, first come first served
+- feedback     Like/Dislike rows, pushed to a Hub dataset
 - backends     the model store and the llama-cpp-agent provider that feeds the engine
 
 Nothing here imports Gradio or app.py: the Space imports this package, never the other way round.

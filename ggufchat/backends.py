@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import Engine, EngineError, Request, Sampling, WaitingLine
+from .engine import Engine, EngineError, Request, Sampling
+from .line import WaitingLine
 from .errors import ConfigError
 from .files import ModelSpec, check_model_file
 from .prompt import PROMPT_FORMATS, PromptFormat, PromptTokenizer, detect_prompt_format, fit_history, \

@@ -13,7 +13,8 @@ import threading
 import pytest
 
 import app
-from ggufchat.engine import COPY_MIN_TOKENS, Engine, EngineError, Request, Sampling, WaitingLine, common_prefix
+from ggufchat.engine import COPY_MIN_TOKENS, Engine, EngineError, Request, Sampling, common_prefix
+from ggufchat.line import WaitingLine
 from ggufchat.errors import Busy
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
