@@ -13,7 +13,7 @@ import functools
 import gc
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Engine, EngineError, Request, Sampling
@@ -45,7 +45,6 @@ class LoadedModel:
     prompt_format: PromptFormat
     formatter: object  # llama_cpp_agent MessagesFormatter
     tokenize: PromptTokenizer
-    format_name: str = ""
 
 
 @dataclass
@@ -56,8 +55,6 @@ class Done:
     tokens_per_s: float
     evaluated: int  # prompt tokens computed for this answer; the rest came from the cache
     prompt_tokens: int
-    finished: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 @functools.cache
@@ -243,8 +240,7 @@ class ModelStore:
             engine.close()
             raise
         fmt = PROMPT_FORMATS[name]
-        model = LoadedModel(spec.label, path, engine, fmt, make_messages_formatter(fmt), PromptTokenizer(engine.vocab),
-                            name)
+        model = LoadedModel(spec.label, path, engine, fmt, make_messages_formatter(fmt), PromptTokenizer(engine.vocab))
         print(f"loaded {path.name} in {seconds:.1f} s (prompt format: {name})", flush=True)
         if self.warm_system is not None:
             self.warm(model, self.warm_system)

@@ -114,7 +114,6 @@ class Stats:
     prompt_tokens: int
     evaluated: int = 0  # prompt tokens llama.cpp computed for this answer; the others came from the cache
     generated: list[int] = field(default_factory=list)  # every sampled token but an end-of-generation one
-    admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
     reason: str = ""  # stop | length | cancelled | error
@@ -399,7 +398,6 @@ class Engine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.admissions += 1
         slot.admitted = self.admissions
-        request.stats.admitted_at = time.perf_counter()
 
     def _sampler(self, s: Sampling):
         """llama-cpp-python's chain, in its order: (logit bias,) penalties, top-k, typical, top-p, min-p, temperature,
