@@ -2,10 +2,12 @@
 
     pip install -r requirements.txt && python app.py             # the Hub models in CATALOG
     MODEL_PATH=/path/to/model.Q4_K_M.gguf python app.py           # a local file, no download
+    BACKEND_URL=http://127.0.0.1:8080 python app.py               # chats served by llama.cpp's llama-server
 
 Every setting is an environment variable; README.md lists them all. The file reads top to bottom:
 settings -> catalog -> respond -> UI -> main. The serving engine (prompt formats, model files, the scheduler that
-decodes several chats at once, the CPU-variant loader) is the `ggufchat` package beside this file.
+decodes several chats at once, the CPU-variant loader, the llama-server client) is the `ggufchat` package beside
+this file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import gradio as gr
 
 from ggufchat.backends import Done, EngineSettings, ModelStore, answer
+from ggufchat.remote import RemoteStore, Server
 from ggufchat.cpu_backend import load_cpu_backend
 from ggufchat.engine import KV_TYPES, EngineError
 from ggufchat.line import WaitingLine  # noqa: F401 - tests use it from here
@@ -77,9 +80,12 @@ class Settings:
     seed: int  # -1: a fresh seed per answer
     verify_sha256: bool  # hash downloaded files against the Hub's LFS sha256 before loading
     hf_token: str | None
-    parallel: int = 1  # chats answered at once, batched in one llama.cpp context
+    parallel: int | None = None  # chats answered at once (None: DEFAULT_PARALLEL here, the server's slots remotely)
     kv_type: str = "f16"
     prefill_chunk: int = 64
+    backend_url: str | None = None  # a llama-server serves the chats; no model is loaded here
+    backend_api_key: str | None = None
+    backend_wait: int = 120  # seconds start-up waits for the server's /health (it may still be loading its model)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -99,19 +105,24 @@ class Settings:
             seed=_env_int("SEED", -1, minimum=-1),
             verify_sha256=os.environ.get("VERIFY_SHA256", "1") not in ("0", "false", "no"),
             hf_token=os.environ.get("HF_TOKEN") or None,  # only when set: anonymous downloads otherwise
-            # 4 chats in one llama_decode per step: 1.5x the tokens/s of one chat on 2 cores (more on more cores),
-            # and every visitor streams at once instead of waiting for the answers ahead.
-            parallel=_env_int("PARALLEL", 4),
+            parallel=_env_int("PARALLEL", 0) or None,
             kv_type=kv_type,
             prefill_chunk=_env_int("PREFILL_CHUNK", 64),
+            backend_url=os.environ.get("BACKEND_URL", "").strip() or None,
+            # Its own setting, never HF_TOKEN: a token is sent only to a server someone named for it.
+            backend_api_key=os.environ.get("BACKEND_API_KEY", "").strip() or None,
+            backend_wait=_env_int("BACKEND_WAIT", 120, minimum=0),
         )
 
     def engine(self) -> EngineSettings:
-        return EngineSettings(n_ctx=self.n_ctx, parallel=self.parallel, n_threads=self.n_threads,
+        return EngineSettings(n_ctx=self.n_ctx, parallel=self.parallel or DEFAULT_PARALLEL, n_threads=self.n_threads,
                               n_threads_batch=self.n_threads_batch, n_batch=self.n_batch, kv_type=self.kv_type,
                               prefill_chunk=self.prefill_chunk, verify_sha256=self.verify_sha256, seed=self.seed)
 
 
+# 4 chats in one llama_decode per step: 1.5x the tokens/s of one chat on 2 cores (more on more cores), and every
+# visitor streams at once instead of waiting for the answers ahead.
+DEFAULT_PARALLEL = 4
 SYSTEM_MESSAGE = "You are a helpful assistant."
 # (minimum, maximum, default) of each sampling control; the server enforces them for API callers too.
 LIMITS = {
@@ -137,11 +148,16 @@ CATALOG = [
 ]
 
 
-def catalog_from_env() -> list[ModelSpec]:
-    """MODEL_PATH (local files) or MODEL_REPO + MODEL_FILES replace the built-in catalog."""
+def prompt_format_from_env() -> str:
     prompt_format = os.environ.get("PROMPT_FORMAT", "auto").strip() or "auto"
     if prompt_format != "auto" and prompt_format not in PROMPT_FORMATS:
         raise ConfigError(f"PROMPT_FORMAT={prompt_format!r} is unknown; use auto or one of {', '.join(PROMPT_FORMATS)}.")
+    return prompt_format
+
+
+def catalog_from_env() -> list[ModelSpec]:
+    """MODEL_PATH (local files) or MODEL_REPO + MODEL_FILES replace the built-in catalog."""
+    prompt_format = prompt_format_from_env()
     if paths := _env_list("MODEL_PATH"):
         return [ModelSpec(Path(p).name, p, prompt_format=prompt_format) for p in paths]
     if repo := os.environ.get("MODEL_REPO", "").strip():
@@ -241,8 +257,8 @@ def respond(message, history, model_label, system_message, max_tokens, temperatu
             yield f"{WAITING}Waiting for the model: {ahead} {'chat' if ahead == 1 else 'chats'} ahead of you."
         model = STORE.get(label)
         text = ""
-        for item in answer(model, system, past, message, max_tokens, sampling, STORE.settings.seed,
-                           STORE.settings.n_ctx, pace=STREAM_EVERY):
+        for item in answer(model, system, past, message, max_tokens, sampling, STORE.seed, model.n_ctx,
+                           pace=STREAM_EVERY):
             if isinstance(item, Done):
                 yield text + stats_line(item)
             else:
@@ -258,7 +274,7 @@ def respond(message, history, model_label, system_message, max_tokens, temperatu
 # UI
 # ----------------------------------------------------------------------------------------------------------------------
 
-STORE: ModelStore  # set by main()
+STORE: ModelStore | RemoteStore  # set by main()
 FEEDBACK: Feedback
 
 EXAMPLES = [
@@ -282,18 +298,16 @@ QUANT = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)(?=[-
 
 
 def describe(label) -> str:
-    """The info line for a dropdown entry: what file is served, from where, how it is prompted."""
+    """The info line for a dropdown entry: what is served, from where, how it is prompted."""
     label = text_of(label)
-    if label not in STORE.specs:
+    if label not in STORE.labels:
         return ""
-    spec, path = STORE.specs[label], STORE.paths[label]
-    source = f"`{spec.repo}` · `{spec.filename}`" if spec.repo else f"`{path.name}` (local file)"
-    quant = QUANT.search(path.name)
     about = STORE.about(label)
+    quant = QUANT.search(about.get("file", label) + ".")
     ours = " · built by this Space's `build/run.py` (QLoRA on oasst1)" if "oasst1" in about["name"].lower() else ""
-    return (f"**{about['name']}**{ours}  \n{source}{f' · {quant[1].upper()}' if quant else ''} · prompt format "
-            f"`{about['format']}` · context {STORE.settings.n_ctx} tokens · {STORE.settings.parallel} chats at once, "
-            "on CPU with llama.cpp")
+    return (f"**{about['name']}**{ours}  \n{about['source']}{f' · {quant[1].upper()}' if quant else ''} · prompt "
+            f"format `{about['format']}` · context {about['n_ctx']} tokens · {STORE.line.capacity} chats at once, "
+            + ("served by a llama.cpp server" if isinstance(STORE, RemoteStore) else "on CPU with llama.cpp"))
 
 
 def record_feedback(data: gr.LikeData, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty):
@@ -348,7 +362,7 @@ def serving_line(store: ModelStore, settings: Settings, cpu: str) -> str:
     files = ", ".join(f"{p.name} ({human_size(p.stat().st_size)})" for p in store.paths.values())
     kv = store.current.engine.kv_bytes if store.current else 0
     return (f"serving: llama.cpp CPU backend {cpu} · {settings.n_threads} decode / {settings.n_threads_batch} prompt "
-            f"threads · {files} · context {settings.n_ctx} tokens per chat × {settings.parallel} parallel chats · "
+            f"threads · {files} · context {settings.n_ctx} tokens per chat × {store.line.capacity} parallel chats · "
             f"KV cache {human_size(kv)} ({settings.kv_type})")
 
 
@@ -366,35 +380,55 @@ def feedback_from_env(settings: Settings) -> Feedback:
     return Feedback(folder)
 
 
+def local_store(settings: Settings) -> ModelStore:
+    """The catalog's files, downloaded (or local), the default one loaded with the system prompt evaluated: the first
+    visitor must not pay for either. A default model that cannot load is reported and the others keep serving."""
+    catalog = catalog_from_env()
+    paths, problems = fetch_model_files(catalog, settings.hf_token)
+    for label, why in problems.items():
+        print(f"warning: {label} is unavailable: {why}", file=sys.stderr)
+    if not paths:
+        raise ConfigError(
+            "No model file is available (the Hub is unreachable or the files are missing, and nothing is cached): "
+            "set MODEL_PATH to a local .gguf file, or MODEL_REPO and MODEL_FILES to a reachable Hub repo."
+        )
+    cpu = load_cpu_backend()
+    print(f"llama.cpp CPU backend: {cpu}", flush=True)
+    store = ModelStore(catalog, paths, settings.engine(), settings.queue_size, warm_system=SYSTEM_MESSAGE)
+    try:
+        store.get(store.labels[0])
+    except ConfigError as err:
+        print(f"warning: {err}", file=sys.stderr)
+    print(serving_line(store, settings, cpu), flush=True)
+    return store
+
+
+def remote_store(settings: Settings) -> RemoteStore:
+    """The models a llama-server at BACKEND_URL serves; start-up waits for its /health and says what to set."""
+    server = Server(settings.backend_url, settings.backend_api_key)
+    print(f"waiting for the model server at BACKEND_URL (up to {settings.backend_wait} s)", flush=True)
+    server.wait_until_healthy(settings.backend_wait)
+    try:
+        store = RemoteStore(server, settings.queue_size, prompt_format_from_env(), settings.parallel, settings.seed)
+        store.get(store.labels[0])  # the prompt format and the server's special tokens, before the first visitor
+    except EngineError as err:
+        raise ConfigError(f"BACKEND_URL={settings.backend_url}: {err}") from None
+    print(f"serving: {', '.join(store.labels)} from llama-server at BACKEND_URL · {store.line.capacity} parallel "
+          f"chats · context {store.n_ctx(store.labels[0])} tokens per chat", flush=True)
+    return store
+
+
 def main() -> None:
     global STORE, FEEDBACK
     try:
         settings = Settings.from_env()
-        catalog = catalog_from_env()
-        paths, problems = fetch_model_files(catalog, settings.hf_token)
-        for label, why in problems.items():
-            print(f"warning: {label} is unavailable: {why}", file=sys.stderr)
-        if not paths:
-            raise ConfigError(
-                "No model file is available (the Hub is unreachable or the files are missing, and nothing is cached): "
-                "set MODEL_PATH to a local .gguf file, or MODEL_REPO and MODEL_FILES to a reachable Hub repo."
-            )
-        cpu = load_cpu_backend()
-        print(f"llama.cpp CPU backend: {cpu}", flush=True)
+        STORE = remote_store(settings) if settings.backend_url else local_store(settings)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    STORE = ModelStore(catalog, paths, settings.engine(), settings.queue_size, warm_system=SYSTEM_MESSAGE)
-    # The first visitor must not pay for loading the model and reading the system prompt: both happen before the
-    # page accepts chats. A default model that cannot load is reported and the others keep serving.
-    try:
-        STORE.get(STORE.labels[0])
-    except ConfigError as err:
-        print(f"warning: {err}", file=sys.stderr)
-    print(serving_line(STORE, settings, cpu), flush=True)
     FEEDBACK = feedback_from_env(settings)
     demo = build_ui(STORE.labels)
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
-    demo.queue(max_size=4 * (settings.queue_size + settings.parallel) + 16)
+    demo.queue(max_size=4 * (settings.queue_size + STORE.line.capacity) + 16)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
 
 

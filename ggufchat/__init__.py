@@ -10,6 +10,7 @@ Each module owns one thing and says so at its top:
 - line         the waiting line: seats at the engine, first come first served
 - feedback     Like/Dislike rows, pushed to a Hub dataset
 - backends     the model store and the llama-cpp-agent provider that feeds the engine
+- remote       the same for a llama-server at BACKEND_URL: HTTP client, tokenizer over /tokenize, provider
 
 Nothing here imports Gradio or app.py: the Space imports this package, never the other way round.
 """

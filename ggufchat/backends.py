@@ -45,16 +45,24 @@ class LoadedModel:
     prompt_format: PromptFormat
     formatter: object  # llama_cpp_agent MessagesFormatter
     tokenize: PromptTokenizer
+    n_ctx: int  # tokens per chat: prompt + answer
+
+    def provider(self, pace: float = 0.0):
+        return make_provider(self, pace)
 
 
 @dataclass
 class Done:
     """The end of an answer: the numbers for the stats line."""
 
-    generated: int
+    tokens: list[int]  # the answer's token ids
     tokens_per_s: float
     evaluated: int  # prompt tokens computed for this answer; the rest came from the cache
     prompt_tokens: int
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
 
 
 @functools.cache
@@ -101,6 +109,16 @@ def _provider_class():
                 return chunks
             return {"choices": [{"text": "".join(c["choices"][0]["text"] for c in chunks)}]}
 
+        def finish(self) -> Done | None:
+            """End the answer if it still runs (Stop or a disconnect closed us: the engine ends it at its next step)
+            and return its numbers; None if it never started."""
+            if self.request is None:
+                return None
+            self.request.cancel()
+            self.request.done.wait(30)
+            stats = self.request.stats
+            return Done(stats.generated, stats.tokens_per_s, stats.evaluated, stats.prompt_tokens)
+
     return EngineProvider
 
 
@@ -121,7 +139,7 @@ def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_
     history = BasicChatHistory(k=len(past) + 3)  # trimmed by tokens above; its own limit counts messages
     for item in past:
         history.add_message({"role": Roles(item["role"]), "content": item["content"]})  # it matches Roles, not str
-    provider = make_provider(model, pace)
+    provider = model.provider(pace)
     agent = LlamaCppAgent(
         provider,
         system_prompt=system,
@@ -129,7 +147,9 @@ def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_
         add_tools_and_structures_documentation_to_system_prompt=False,  # else it appends "\n" to the system prompt
     )
     settings = provider.get_provider_default_settings()
-    settings.stream, settings.max_tokens, settings.seed = True, budget, seed
+    settings.stream, settings.seed = True, seed
+    # The two providers' settings name the answer's length differently (llama-cpp-python: max_tokens; server: n_predict).
+    setattr(settings, "n_predict" if hasattr(settings, "n_predict") else "max_tokens", budget)
     for key, value in sampling.items():
         setattr(settings, key, value)
     stream = agent.get_chat_response(message, chat_history=history, llm_sampling_settings=settings,
@@ -142,17 +162,14 @@ def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_
         finished = True
     finally:
         stream.close()
-        request = provider.request
-        if request is not None:
-            request.cancel()  # the Stop button or a disconnect closed us: the engine ends it at its next step
-            request.done.wait(30)
-            stats = request.stats
-            print(f"{'answered' if finished else 'stopped'}: {len(stats.generated)} tokens generated, "
-                  f"{stats.evaluated} of {stats.prompt_tokens} prompt tokens evaluated", flush=True)
-    if request is None:
+        done = provider.finish()
+        if done is not None:
+            print(f"{'answered' if finished else 'stopped'}: {done.generated} tokens generated, "
+                  f"{done.evaluated} of {done.prompt_tokens} prompt tokens evaluated", flush=True)
+    if done is None:
         raise EngineError("The model gave no answer.")
-    model.tokenize.remember_answer(text, stats.generated)  # so that the next turn reuses the cache
-    yield Done(len(stats.generated), stats.tokens_per_s, stats.evaluated, stats.prompt_tokens)
+    model.tokenize.remember_answer(text, done.tokens)  # so that the next turn reuses the cache
+    yield done
 
 
 class ModelStore:
@@ -176,20 +193,28 @@ class ModelStore:
     def labels(self) -> list[str]:
         return list(self.specs)
 
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
     def about(self, label: str) -> dict:
-        """The served file's own name (GGUF general.name) and prompt format, read once from its metadata."""
+        """For the info line: the served file's own name (GGUF general.name), where it comes from, its prompt format
+        (read once from its metadata) and the context per chat."""
         if label not in self.abouts:
             from .prompt import Vocab
 
-            spec, fmt, name = self.specs[label], self.specs[label].prompt_format, Path(self.paths[label]).stem
+            spec, path = self.specs[label], Path(self.paths[label])
+            fmt, name = spec.prompt_format, path.stem
             try:
-                meta = Vocab.load(self.paths[label]).metadata
+                meta = Vocab.load(path).metadata
                 name = meta.get("general.name", name)
                 if fmt == "auto":
                     fmt = detect_prompt_format(meta.get("tokenizer.chat_template"), spec.filename)
             except (ValueError, OSError, ConfigError):
                 fmt = f"{fmt} (unreadable file)"
-            self.abouts[label] = {"name": name, "format": fmt}
+            source = f"`{spec.repo}` · `{spec.filename}`" if spec.repo else f"`{path.name}` (local file)"
+            self.abouts[label] = {"name": name, "format": fmt, "source": source, "n_ctx": self.settings.n_ctx,
+                                  "file": path.name}
         return self.abouts[label]
 
     def check(self, label: str) -> None:
@@ -240,7 +265,8 @@ class ModelStore:
             engine.close()
             raise
         fmt = PROMPT_FORMATS[name]
-        model = LoadedModel(spec.label, path, engine, fmt, make_messages_formatter(fmt), PromptTokenizer(engine.vocab))
+        model = LoadedModel(spec.label, path, engine, fmt, make_messages_formatter(fmt), PromptTokenizer(engine.vocab),
+                            s.n_ctx)
         print(f"loaded {path.name} in {seconds:.1f} s (prompt format: {name})", flush=True)
         if self.warm_system is not None:
             self.warm(model, self.warm_system)

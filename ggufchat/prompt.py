@@ -183,6 +183,18 @@ class Vocab:
 
         return llama_cpp.llama_vocab_get_attr(self.ptr, token)
 
+    def special_tokens(self) -> dict[str, tuple[int, int]]:
+        """text -> (token id, llama_token_attr bits) of every token that only template text may produce."""
+        import llama_cpp
+
+        kinds = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        found: dict[str, tuple[int, int]] = {}
+        for token in range(self.n_tokens):
+            attr = self.attr(token)
+            if attr & kinds and (text := self.text(token)):
+                found.setdefault(text, (token, attr))
+        return found
+
     def text(self, token: int) -> str:
         import llama_cpp
 
@@ -200,20 +212,16 @@ class PromptTokenizer:
 
     MEMO = 32  # prompts remembered: history fitting and the provider tokenize the same prompt once per turn
 
-    def __init__(self, vocab: Vocab):
+    def __init__(self, vocab):
+        """`vocab`: a Vocab, or anything with its tokenize/detokenize/special_tokens (remote.RemoteVocab)."""
         import llama_cpp
 
         self.vocab = vocab
-        special_attrs = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         self.special: dict[str, int] = {}  # text -> token id
         self.attrs: dict[int, int] = {}  # token id -> llama_token_attr bits
-        for token in range(vocab.n_tokens):
-            attr = vocab.attr(token)
-            if attr & special_attrs:
-                text = vocab.text(token)
-                if text:
-                    self.special.setdefault(text, token)
-                    self.attrs[token] = attr
+        for text, (token, attr) in vocab.special_tokens().items():
+            self.special[text] = token
+            self.attrs[token] = attr
         # Longest first, as llama.cpp tries them, so "<|end|>" never shadows "<|endoftext|>".
         alternatives = sorted(self.special, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None

@@ -1,4 +1,5 @@
-"""Start the real app (`python app.py`) as a server on loopback for the tests that talk to it over HTTP."""
+"""Start the real app (`python app.py`), and llama.cpp's real `llama-server`, on loopback for the tests that talk to
+them over HTTP."""
 
 from __future__ import annotations
 
@@ -124,3 +125,57 @@ def run_app(env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.
     return subprocess.run(
         [sys.executable, str(ROOT / "app.py")], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def llama_server_binary() -> Path:
+    """llama-server built from the installed llama-cpp-python's sdist (tests/setup.sh builds it; else it is built now)."""
+    out = subprocess.run(["bash", str(ROOT / "tests" / "build_llama_server.sh")], check=True, capture_output=True,
+                         text=True, timeout=3600)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+class LlamaServer:
+    def __init__(self, process: subprocess.Popen, url: str, log: Path):
+        self.process, self.url, self.log = process, url, log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """A counter from /metrics (llama-server --metrics), e.g. "tokens_predicted_total"."""
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(f"llamacpp:{name} ")))
+
+
+@contextmanager
+def llama_server(model: Path, tmp_path: Path, slots: int = 4, ctx_per_slot: int = 1024, timeout: float = 120):
+    """Yield a running llama-server for `model` with `slots` parallel slots; stop it afterwards."""
+    port = free_port()
+    log = tmp_path / f"llama-server-{port}.log"
+    command = [str(llama_server_binary()), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
+               "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", "1", "-tb", "1", "--metrics"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = LlamaServer(process, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {process.returncode}:\n{server.output()[-3000:]}")
+            try:
+                urllib.request.urlopen(server.url + "/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"llama-server did not start in {timeout} s:\n{server.output()[-3000:]}") \
+                        from None
+                time.sleep(0.3)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -51,6 +51,9 @@ if [ ! -f "$cache/llama_cpp_python-$version.tar.gz" ]; then
   rm -rf "$tmp"
 fi
 
+# llama.cpp's llama-server, from that same sdist: the remote-backend tests (BACKEND_URL) serve chats through it.
+bash tests/build_llama_server.sh >/dev/null
+
 # Browser tests drive Debian's Chromium through Playwright (no browser download is possible or needed).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -230,7 +230,7 @@ def test_the_waiting_line_hands_the_turn_on_when_its_holder_leaves():
 # --- Settings ---------------------------------------------------------------------------------------------------------
 
 SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN",
-                 "PARALLEL", "KV_CACHE_TYPE", "PREFILL_CHUNK")
+                 "PARALLEL", "KV_CACHE_TYPE", "PREFILL_CHUNK", "BACKEND_URL", "BACKEND_API_KEY", "BACKEND_WAIT")
 
 
 def test_settings_defaults_are_readmes(monkeypatch):
@@ -241,18 +241,23 @@ def test_settings_defaults_are_readmes(monkeypatch):
     cpus = len(os.sched_getaffinity(0))
     assert app.Settings.from_env() == app.Settings(n_ctx=4096, n_threads=cpus, n_threads_batch=cpus, n_batch=512,
                                                    queue_size=16, seed=-1, verify_sha256=True, hf_token=None,
-                                                   parallel=4, kv_type="f16", prefill_chunk=64)
+                                                   parallel=None, kv_type="f16", prefill_chunk=64,
+                                                   backend_url=None, backend_api_key=None, backend_wait=120)
+    assert app.Settings.from_env().engine().parallel == 4  # PARALLEL unset: 4 in process (remotely: the server's)
 
 
 def test_settings_are_read_from_the_environment(monkeypatch):
     values = {"N_CTX": "1024", "N_THREADS": "3", "N_THREADS_BATCH": "5", "N_BATCH": "64", "QUEUE_SIZE": "2",
               "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "q8_0",
-              "PREFILL_CHUNK": "32"}
+              "PREFILL_CHUNK": "32", "BACKEND_URL": "http://10.0.0.5:8080", "BACKEND_API_KEY": "sk-example",
+              "BACKEND_WAIT": "5"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     assert app.Settings.from_env() == app.Settings(n_ctx=1024, n_threads=3, n_threads_batch=5, n_batch=64,
                                                    queue_size=2, seed=7, verify_sha256=False, hf_token="hf_example",
-                                                   parallel=2, kv_type="q8_0", prefill_chunk=32)
+                                                   parallel=2, kv_type="q8_0", prefill_chunk=32,
+                                                   backend_url="http://10.0.0.5:8080", backend_api_key="sk-example",
+                                                   backend_wait=5)
 
 
 def test_the_model_is_loaded_with_the_settings(smollm2_gguf):

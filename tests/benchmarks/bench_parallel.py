@@ -7,8 +7,8 @@
 Paths, each with B chats started together (distinct real oasst1 first messages, the same system message):
 - engine: the app's engine in this process, no web server: the batched llama_decode loop itself (the ceiling);
 - http: the app (`python app.py`, PARALLEL=8) over HTTP with gradio_client, one client per chat;
-- llama-server: llama.cpp's own server (`-np 8`, unified KV, built once from the same llama-cpp-python sdist with
-  requirements.txt's flags), the chats posted to /completion as token ids.
+- llama-server: llama.cpp's own server (`-np 8`, unified KV, built once from the same llama-cpp-python sdist by
+  tests/build_llama_server.sh), the chats posted to /completion as token ids.
 
 For each: aggregate decode tokens/s (all chats' tokens over the span from the first chat's first token to the last
 chat's last token), per-chat tokens/s (median), time to first token p50/p95. Then: a chat arriving while three others
@@ -36,9 +36,9 @@ for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
 
 import app  # noqa: E402
 from bench_common import table  # noqa: E402
-from bench_serving import cache, llama_bench_build_dir, log, phi35_shaped, smollm2  # noqa: E402
+from bench_serving import cache, log, phi35_shaped, smollm2  # noqa: E402
 from ggufchat.engine import Engine, Request, Sampling  # noqa: E402
-from serving import app_server, free_port  # noqa: E402
+from serving import app_server, free_port, llama_server_binary  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 SAMPLE = ROOT / "tests" / "data" / "oasst1-sample" / "train.jsonl"
@@ -174,24 +174,6 @@ class ServerPath:
         self.process.wait(timeout=30)
 
 
-# llama-server built static for one x86 level. The app's build picks its CPU variant at run time; on a machine whose
-# best variant is haswell (AVX2, FMA, F16C, BMI2) these flags give llama-server the same kernels (the report prints
-# the app's variant beside them, so a mismatch shows).
-SERVER_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                "-DGGML_BMI2=ON", "-DBUILD_SHARED_LIBS=OFF"]
-
-
-def build_llama_server() -> Path:
-    """llama.cpp's llama-server from the same sources as the installed llama-cpp-python (built once, cached)."""
-    build = llama_bench_build_dir(SERVER_FLAGS, extra=["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"])
-    binary = build / "bin" / "llama-server"
-    if not binary.is_file():
-        log("compiling llama-server (once; ~6 minutes on 2 cores)")
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-                       check=True, stdout=subprocess.DEVNULL)
-    return binary
-
-
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -212,7 +194,7 @@ def main() -> None:
     paths: dict = {"engine": engine}
     server_path = None
     if args.llama_server:
-        server_path = ServerPath(build_llama_server(), model, t, n_ctx, engine.ids)
+        server_path = ServerPath(llama_server_binary(), model, t, n_ctx, engine.ids)
         paths["llama-server"] = server_path
     env = {"MODEL_PATH": str(model), "N_CTX": str(n_ctx), "N_THREADS": str(t), "N_THREADS_BATCH": str(t),
            "PARALLEL": str(MAX_B), "SEED": "1"}
@@ -262,7 +244,8 @@ def report(samples, arrivals, model: Path, threads: int, n_gen: int, args) -> No
                          f"{m['ttft_p50']:.2f}", f"{m['ttft_p95']:.2f}",
                          " ".join(f"{v:.2f}× {k}" for k, v in vs.items())])
     print(f"\n{model.name}, {threads} threads, {n_gen} tokens per chat, {args.rounds} rounds (medians); the app's CPU "
-          f"variant: {app.load_cpu_backend()}" + (f"; llama-server: {' '.join(SERVER_FLAGS)}" if args.llama_server else "")
+          f"variant: {app.load_cpu_backend()}" + ("; llama-server: tests/build_llama_server.sh (static, AVX2/FMA/F16C "
+          "where the CPU has them, the kernels of the haswell variant)" if args.llama_server else "")
           + "\n")
     print(table(rows, ["path", "chats", "aggregate tok/s", f"× {args.chats[0]} chat", "per-chat tok/s",
                        "TTFT p50 s", "TTFT p95 s", "aggregate vs"]))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's `llama-server` from the sdist of the installed llama-cpp-python (the same llama.cpp sources the
+# app runs), once, and prints the binary's path as the last line. The tests serve chats through it (BACKEND_URL) and
+# tests/benchmarks/bench_parallel.py compares the app against it.
+#
+#   bash tests/build_llama_server.sh        # ~6 minutes on 2 cores the first time, then instant
+#
+# Portable: no -march=native (a cached binary must not SIGILL on the next machine); AVX2/FMA/F16C when this CPU has
+# them (llama-cpp-python's best CPU variant on such a machine uses the same kernels), plain x86-64 otherwise.
+# Static, no curl (the tests give it local files) and no web UI (the API is all the Space needs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+cache="${PHI35_OASST1_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/phi35-oasst1}"
+flags=(-DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
+       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release)
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  flags+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+fi
+key=$(printf '%s ' "$version" "${flags[@]}" | sha256sum | cut -c1-12)
+out="$cache/llama-server-$version-$key"
+if [ -x "$out/llama-server" ]; then
+  echo "$out/llama-server"
+  exit 0
+fi
+
+tarball="$cache/llama_cpp_python-$version.tar.gz"
+if [ ! -f "$tarball" ]; then
+  mkdir -p "$cache"
+  tmp=$(mktemp -d "$cache/sdist.XXXXXX")
+  python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$tmp"
+  mv "$tmp"/llama_cpp_python-*.tar.gz "$tarball"
+  rm -rf "$tmp"
+fi
+command -v cmake >/dev/null 2>&1 || python -m pip install -q cmake  # PyPI's CMake, into the active venv
+
+work=$(mktemp -d "$cache/llama-server-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+tar -xzf "$tarball" -C "$work" "llama_cpp_python-$version/vendor/llama.cpp"
+src="$work/llama_cpp_python-$version/vendor/llama.cpp"
+echo "Compiling llama-server $version (once; ~6 minutes on 2 cores)..." >&2
+# Quiet unless it fails (configuring from an sdist warns that there is no git checkout and no web UI).
+cmake -S "$src" -B "$work/build" "${flags[@]}" >"$work/configure.log" 2>&1 || { cat "$work/configure.log" >&2; exit 1; }
+cmake --build "$work/build" --target llama-server -j "$(nproc)" >"$work/build.log" 2>&1 || { tail -50 "$work/build.log" >&2; exit 1; }
+mkdir -p "$out.tmp"
+cp "$work/build/bin/llama-server" "$out.tmp/"
+rm -rf "$out" && mv "$out.tmp" "$out"  # whole or not at all: an interrupted build is not taken for a finished one
+echo "$out/llama-server"
