@@ -2,7 +2,8 @@
 
 Each running chat owns a slot, i.e. a sequence id in a context of `parallel` sequences. Every step is one
 `llama_decode` holding the next token of every chat that is answering plus a bounded chunk of the prompt of any chat
-that has just arrived (chunked prefill: a long prompt never freezes the others for more than a chunk). Each chat
+that has just arrived (chunked prefill: a long prompt never freezes the others for more than a chunk). An idle
+engine gathers chats that arrive together for a moment, so that their prompts go in one batch. Each chat
 samples with its own sampler chain at its own logits row, streams whole UTF-8 characters, and stops at an
 end-of-generation token, a stop string, its max tokens or the end of its context.
 
@@ -93,6 +94,12 @@ PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-
 # only for a shared beginning this long (estimate: a 1.5 GB stream of Phi-3.5-mini at 4096 cells copies in about the
 # time its prompt processing takes for 16 tokens on 2 cores).
 COPY_MIN_TOKENS = 16
+# Chats that arrive together start together: an idle engine waits this long after each arrival for another one
+# before its first step (at most GATHER_MAX_S), so that a burst's prompts go in one batch. Without it the first chat's
+# prompt goes alone and the others' follow in chunks beside its answer: measured 2026-11-30 with four HTTP chats on
+# Phi-3.5-mini shape (2 cores), arrivals tens of ms apart, the last first token came 1.2 s later than with the
+# prompts batched. A lone visitor pays GATHER_S once, against seconds of prompt.
+GATHER_S, GATHER_MAX_S = 0.03, 0.25
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,8 @@ class Engine:
     def tick(self) -> None:
         """One round in the llama.cpp thread: take new requests, drop cancelled ones, seat waiters, decode one step."""
         with LLAMA_THREAD.cond:
+            if self.incoming and not self.busy():
+                self._gather()
             self.waiting += self.incoming
             self.incoming = []
         for slot in self.slots:
@@ -362,6 +371,15 @@ class Engine:
             self._admit(self.waiting.pop(0))
         if any(slot.request is not None for slot in self.slots):
             self._step()
+
+    def _gather(self) -> None:
+        """Wait (holding LLAMA_THREAD.cond) for more arrivals while they keep coming and there are free slots."""
+        start, seen = time.monotonic(), len(self.incoming)
+        while seen < self.parallel and time.monotonic() - start < GATHER_MAX_S:
+            LLAMA_THREAD.cond.wait(GATHER_S)
+            if len(self.incoming) == seen:
+                return
+            seen = len(self.incoming)
 
     def _admit(self, request: Request) -> None:
         import llama_cpp

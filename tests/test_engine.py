@@ -175,6 +175,31 @@ def test_a_long_prompt_arriving_does_not_stall_running_chats_beyond_a_chunk(engi
     assert all(a == 1 for a, p in steps if p > 0 and a > 0)
 
 
+def test_chats_arriving_together_at_an_idle_engine_start_in_one_batch(engine, chatml):
+    """Four visitors a few ms apart (as a web server hands them over): their prompts go in the first step together,
+    not the first alone and the others in chunks beside its answer."""
+    import time
+
+    forget(engine)
+    requests = [Request(chatml(f"{p} ({time.time()})"), 4, GREEDY) for p in PROMPTS]
+    steps = engine.steps
+
+    def arrive(i):
+        time.sleep(0.005 * i)
+        engine.submit(requests[i])
+
+    threads = [threading.Thread(target=arrive, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for request in requests:
+        "".join(request.stream())
+    trace = list(engine.trace)[-(engine.steps - steps):]
+    assert trace[0] == (0, sum(len(r.ids) for r in requests))  # (tokens answering, prompt tokens) per step
+    assert trace[1] == (4, 0)  # then all four answer together
+
+
 def test_each_chat_finds_its_own_cells_on_its_next_turn_and_a_long_system_prompt_is_shared(engine):
     forget(engine)
     tokenize = app.PromptTokenizer(engine.vocab)
