@@ -178,10 +178,24 @@ class RawPath:
 
 class HttpPath:
     def __init__(self, server, model: Path):
+        import queue
+
         self.server, self.label = server, model.name
+        # Made beforehand: a Client fetches and parses the app's config, CPU this machine's server needs, which a
+        # visitor's own machine would spend. Each chat takes one with a fresh session (an empty conversation).
+        self.clients: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(MAX_B):
+            self.clients.put(server.client())
 
     def chat(self, message: str, n_gen: int) -> dict:
-        client = self.server.client()
+        client = self.clients.get()
+        try:
+            client.reset_session()
+            return self._chat(client, message, n_gen)
+        finally:
+            self.clients.put(client)
+
+    def _chat(self, client, message: str, n_gen: int) -> dict:
         submit, stamps, final = time.perf_counter(), [], ""
         job = client.submit(message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0, api_name="/chat")
         last_text = ""
