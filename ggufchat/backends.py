@@ -172,7 +172,25 @@ def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_
     yield done
 
 
-class ModelStore:
+class Store:
+    """What app.py asks of a backend, local or remote: `labels` for the dropdown, `check` before a chat waits in line,
+    `line` (the seats), `get` (a model to answer with), `about` (the info line) and `seed`."""
+
+    broken: dict[str, str]  # label -> why it cannot be served; the other models keep serving
+
+    @property
+    def labels(self) -> list[str]:
+        raise NotImplementedError
+
+    def check(self, label: str) -> None:
+        """ConfigError (a message for the chat) for a label that cannot be served, before it waits in line."""
+        if label not in self.labels:
+            raise ConfigError(f"Unknown model {label!r}; choose one of: {', '.join(self.labels)}.")
+        if label in self.broken:
+            raise ConfigError(self.broken[label])
+
+
+class ModelStore(Store):
     """One model in memory at a time, with its engine: loaded on first use, swapped when the dropdown changes.
 
     `line` gives out the seats: `parallel` chats of one model at once; a chat for another model waits until the
@@ -182,7 +200,7 @@ class ModelStore:
                  warm_system: str | None = None):
         self.specs = {spec.label: spec for spec in catalog if spec.label in paths}
         self.paths, self.settings, self.warm_system = paths, settings, warm_system
-        self.broken: dict[str, str] = {}  # label -> why it cannot load; the other models keep serving
+        self.broken = {}
         self.checked: set[Path] = set()  # files already hashed: switching models back does not re-read GBs
         self.current: LoadedModel | None = None
         self.abouts: dict[str, dict] = {}
@@ -216,13 +234,6 @@ class ModelStore:
             self.abouts[label] = {"name": name, "format": fmt, "source": source, "n_ctx": self.settings.n_ctx,
                                   "file": path.name}
         return self.abouts[label]
-
-    def check(self, label: str) -> None:
-        """ConfigError (a message for the chat) for a label that cannot be served, before it waits in line."""
-        if label not in self.specs:
-            raise ConfigError(f"Unknown model {label!r}; choose one of: {', '.join(self.specs)}.")
-        if label in self.broken:
-            raise ConfigError(self.broken[label])
 
     def get(self, label: str) -> LoadedModel:
         """The loaded model for `label` (call it holding a seat for that label); raises ConfigError when it cannot

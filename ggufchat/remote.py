@@ -19,7 +19,7 @@ from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .backends import Done
+from .backends import Done, Store
 from .engine import PENALTY_LAST_N, EngineError
 from .errors import ConfigError
 from .line import WaitingLine
@@ -140,6 +140,7 @@ class RemoteVocab:
         import llama_cpp
 
         found: dict[str, tuple[int, int]] = {}
+        plain = self.tokenize("x")
         texts = {t for pair in self.fmt.markers.values() for t in pair if t} | set(self.fmt.stop)
         for text in sorted(texts):
             body = {"content": text, "add_special": False, "parse_special": True, "with_pieces": True,
@@ -150,7 +151,6 @@ class RemoteVocab:
                     continue
                 if self.tokenize(piece, special=True) != [token_id] or self.tokenize(piece) == [token_id]:
                     continue  # plain text: the same ids either way
-                plain = self.tokenize("x")
                 attr = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
                 if self.tokenize(piece + " \n x", special=True)[1:] == plain:
                     attr |= llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
@@ -165,7 +165,6 @@ class RemoteModel:
     label: str
     model_id: str  # the server's name for it (/v1/models), sent with each request
     server: Server
-    prompt_format: PromptFormat
     formatter: object  # llama_cpp_agent MessagesFormatter
     tokenize: PromptTokenizer
     n_ctx: int  # the server's context per slot
@@ -246,7 +245,7 @@ def _provider_class():
     return ServerProvider
 
 
-class RemoteStore:
+class RemoteStore(Store):
     """What the server serves, in the same shape as backends.ModelStore: labels for the dropdown, a seat in the
     waiting line, and a model to answer with. Nothing is loaded here."""
 
@@ -260,7 +259,7 @@ class RemoteStore:
         self.props = {label: props if len(models) == 1 else server.json("GET", "/props", params={"model": m["id"]})
                       for label, m in self.ids.items()}
         self.prompt_format = prompt_format
-        self.broken: dict[str, str] = {}
+        self.broken = {}
         self.models: dict[str, RemoteModel] = {}
         # With a load balancer before several servers, /props describes one of them: set PARALLEL to their total.
         slots = parallel or int(props.get("total_slots", 1))
@@ -270,12 +269,6 @@ class RemoteStore:
     @property
     def labels(self) -> list[str]:
         return list(self.ids)
-
-    def check(self, label: str) -> None:
-        if label not in self.ids:
-            raise ConfigError(f"Unknown model {label!r}; choose one of: {', '.join(self.ids)}.")
-        if label in self.broken:
-            raise ConfigError(self.broken[label])
 
     def n_ctx(self, label: str) -> int:
         meta = self.ids[label].get("meta") or {}
@@ -307,8 +300,5 @@ class RemoteStore:
         fmt = PROMPT_FORMATS[name]
         model_id = self.ids[label]["id"]
         tokenize = PromptTokenizer(RemoteVocab(self.server, model_id, fmt))
-        return RemoteModel(label, model_id, self.server, fmt, make_messages_formatter(fmt), tokenize,
-                           self.n_ctx(label), name)
-
-    def unload(self) -> None:
-        """Nothing to free: the server holds the model."""
+        return RemoteModel(label, model_id, self.server, make_messages_formatter(fmt), tokenize, self.n_ctx(label),
+                           name)

@@ -12,7 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
-cache="${PHI35_OASST1_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/phi35-oasst1}"
+# The sdist the build's export stage converts with, from its one fetcher (pip, once), in the build's cache.
+tarball=$(PYTHONPATH=.:build python -c 'from oasstbuild.common import cache_dir
+from oasstbuild.export import fetch_sdist, runtime_version
+print(fetch_sdist(runtime_version(), cache_dir()))')
+cache=$(dirname "$tarball")
 flags=(-DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release)
 if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
@@ -25,14 +29,6 @@ if [ -x "$out/llama-server" ]; then
   exit 0
 fi
 
-tarball="$cache/llama_cpp_python-$version.tar.gz"
-if [ ! -f "$tarball" ]; then
-  mkdir -p "$cache"
-  tmp=$(mktemp -d "$cache/sdist.XXXXXX")
-  python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$tmp"
-  mv "$tmp"/llama_cpp_python-*.tar.gz "$tarball"
-  rm -rf "$tmp"
-fi
 command -v cmake >/dev/null 2>&1 || python -m pip install -q cmake  # PyPI's CMake, into the active venv
 
 work=$(mktemp -d "$cache/llama-server-build.XXXXXX")

@@ -60,19 +60,29 @@ def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 300):
         )
     server = AppServer(process, f"http://127.0.0.1:{port}/", log, env)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {process.returncode}:\n{server.output()}")
-            try:
-                urllib.request.urlopen(server.url + "config", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"app.py did not answer in {timeout} s:\n{server.output()}") from None
-                time.sleep(0.3)
+        wait_until_up(process, server.url + "config", timeout, "app.py", server.output)
         yield server
     finally:
+        stop(process)
+
+
+def wait_until_up(process: subprocess.Popen, url: str, timeout: float, what: str, output) -> None:
+    """Return once `url` answers; fail with the process's output if it exits or does not answer within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{output()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not answer in {timeout} s:\n{output()[-3000:]}") from None
+            time.sleep(0.3)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
         process.terminate()
         try:
             process.wait(timeout=20)
@@ -148,34 +158,19 @@ class LlamaServer:
 
 
 @contextmanager
-def llama_server(model: Path, tmp_path: Path, slots: int = 4, ctx_per_slot: int = 1024, timeout: float = 120):
+def llama_server(model: Path, tmp_path: Path, slots: int = 4, ctx_per_slot: int = 1024, threads: int = 1,
+                 extra: tuple[str, ...] = (), timeout: float = 120):
     """Yield a running llama-server for `model` with `slots` parallel slots; stop it afterwards."""
     port = free_port()
     log = tmp_path / f"llama-server-{port}.log"
     command = [str(llama_server_binary()), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
-               "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", "1", "-tb", "1", "--metrics"]
+               "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
+               "--metrics", *extra]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     server = LlamaServer(process, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {process.returncode}:\n{server.output()[-3000:]}")
-            try:
-                urllib.request.urlopen(server.url + "/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"llama-server did not start in {timeout} s:\n{server.output()[-3000:]}") \
-                        from None
-                time.sleep(0.3)
+        wait_until_up(process, server.url + "/health", timeout, "llama-server", server.output)
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)

