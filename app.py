@@ -418,6 +418,22 @@ def remote_store(settings: Settings) -> RemoteStore:
     return store
 
 
+# Gradio's queue looks for work every 1 ms and for progress updates every 10 ms, busy or idle (gradio 6: Queue's
+# sleep_when_free and progress_update_sleep_when_free; Gradio uses 50 and 100 ms on Windows). On a 2-vCPU Space each
+# wake-up takes a core from one of llama.cpp's two threads, and the other then waits for it at the next barrier.
+# Gradio's Windows values: a chat that arrives at an idle queue starts up to 50 ms later, unseen beside its answer.
+QUEUE_POLL_S, PROGRESS_POLL_S = 0.05, 0.1
+
+
+def quiet_queue(queue) -> None:
+    for name, seconds in (("sleep_when_free", QUEUE_POLL_S), ("progress_update_sleep_when_free", PROGRESS_POLL_S)):
+        if isinstance(getattr(queue, name, None), (int, float)):
+            setattr(queue, name, seconds)
+        else:  # a Gradio that renamed it: the chat works, at some cost to its speed
+            print(f"warning: Gradio's queue has no {name} to slow its polling; answers may stream a little slower",
+                  file=sys.stderr, flush=True)
+
+
 def main() -> None:
     global STORE, FEEDBACK
     try:
@@ -429,6 +445,7 @@ def main() -> None:
     demo = build_ui(STORE.labels)
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
     demo.queue(max_size=4 * (settings.queue_size + STORE.line.capacity) + 16)
+    quiet_queue(demo._queue)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
 
 
