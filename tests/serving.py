@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,12 +91,10 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_events: int | None = None):
-    """POST a hand-written JSON `data` list to /gradio_api/call/<api_name> and follow its event stream.
-
-    Returns the last streamed value, or, with `read_events`, disconnects after that many events and returns None
-    (unless the answer was complete by then).
-    """
+def stream_call(server: AppServer, data_json: str, api_name: str = "chat"):
+    """POST a hand-written JSON `data` list to /gradio_api/call/<api_name> and yield its events as (kind, payload),
+    read with blocking reads as a browser's are (gradio_client's Job polls every millisecond: beside a server on the
+    same two cores that is not free). Closing the generator hangs up."""
     import http.client
     import json
 
@@ -109,24 +107,34 @@ def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_eve
         assert response.status == 200, response.read()
         event_id = json.loads(response.read())["event_id"]
         connection.request("GET", f"/gradio_api/call/{api_name}/{event_id}")
-        stream, events, last, kind = connection.getresponse(), 0, None, None
+        stream, kind = connection.getresponse(), None
         while line := stream.fp.readline():
             if line.startswith(b"event:"):
                 kind = line.split(b":", 1)[1].strip().decode()
             elif line.startswith(b"data:"):
-                events += 1
-                if read_events is not None and events >= read_events and kind != "complete":
-                    return None  # leave without a word: closing the socket below is a disconnect
-                payload = json.loads(line[5:])
-                if kind == "error":
-                    raise RuntimeError(f"server error event: {payload}")
-                if isinstance(payload, list) and payload:
-                    last = payload[0]
-                if kind == "complete":
-                    return last
-        return last
+                yield kind, json.loads(line[5:])
+                if kind in ("complete", "error"):
+                    return
     finally:
         connection.close()
+
+
+def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_events: int | None = None):
+    """POST a hand-written JSON `data` list to /gradio_api/call/<api_name> and follow its event stream.
+
+    Returns the last streamed value, or, with `read_events`, disconnects after that many events and returns None
+    (unless the answer was complete by then).
+    """
+    last = None
+    with closing(stream_call(server, data_json, api_name)) as events:
+        for n, (kind, payload) in enumerate(events, 1):
+            if read_events is not None and n >= read_events and kind != "complete":
+                return None  # leave without a word: closing the stream is a disconnect
+            if kind == "error":
+                raise RuntimeError(f"server error event: {payload}")
+            if isinstance(payload, list) and payload:
+                last = payload[0]
+    return last
 
 
 def run_app(env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

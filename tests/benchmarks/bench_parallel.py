@@ -8,7 +8,7 @@ Paths, each with B chats started together (distinct real oasst1 first messages, 
 - raw loop: the ceiling, a bare batched llama_decode loop on the engine's model (all prompts in one batch, then one
   token per chat per step, greedy argmax, nothing else);
 - engine: the app's engine in this process, no web server (scheduler, sampler chains, detokenizing, streaming);
-- http: the app (`python app.py`, PARALLEL=8) over HTTP with gradio_client, one client per chat;
+- http: the app (`python app.py`, PARALLEL=8) over HTTP, one event stream per chat (Gradio's REST API, blocking\n  reads);
 - llama-server: llama.cpp's own server (`-np 8`, unified KV, built once from the same llama-cpp-python sdist by
   tests/build_llama_server.sh), the chats posted to /completion as token ids.
 
@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import threading
@@ -41,7 +42,7 @@ import app  # noqa: E402
 from bench_common import table  # noqa: E402
 from bench_serving import cache, log, phi35_shaped, smollm2  # noqa: E402
 from ggufchat.engine import LLAMA_THREAD, Engine, Request, Sampling  # noqa: E402
-from serving import app_server, llama_server  # noqa: E402
+from serving import app_server, llama_server, stream_call  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 SAMPLE = ROOT / "tests" / "data" / "oasst1-sample" / "train.jsonl"
@@ -177,36 +178,24 @@ class RawPath:
 
 
 class HttpPath:
-    def __init__(self, server, model: Path):
-        import queue
+    """The app over HTTP, each chat a fresh session (an empty conversation) reading its event stream with blocking
+    reads, as a visitor's browser would from its own machine (gradio_client's Job polls every millisecond, four of
+    them woke this machine's cores about 1,400 times a second, a cost no visitor puts on a Space)."""
 
+    def __init__(self, server, model: Path):
         self.server, self.label = server, model.name
-        # Made beforehand: a Client fetches and parses the app's config, CPU this machine's server needs, which a
-        # visitor's own machine would spend. Each chat takes one with a fresh session (an empty conversation).
-        self.clients: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(MAX_B):
-            self.clients.put(server.client())
 
     def chat(self, message: str, n_gen: int) -> dict:
-        client = self.clients.get()
-        try:
-            client.reset_session()
-            return self._chat(client, message, n_gen)
-        finally:
-            self.clients.put(client)
-
-    def _chat(self, client, message: str, n_gen: int) -> dict:
-        submit, stamps, final = time.perf_counter(), [], ""
-        job = client.submit(message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0, api_name="/chat")
-        last_text = ""
-        for update in job:
-            final = update
-            text = app.STATS.sub("", update)
-            if text and text != last_text and not update.startswith((app.WAITING, app.NOTICE)):
+        data = json.dumps([message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0])
+        submit, stamps, final, last_text = time.perf_counter(), [], "", ""
+        for kind, payload in stream_call(self.server, data):
+            if kind not in ("generating", "complete") or not payload:
+                continue
+            final = payload[0]
+            text = app.STATS.sub("", final)
+            if text and text != last_text and not final.startswith((app.WAITING, app.NOTICE)):
                 stamps.append(time.perf_counter())
                 last_text = text
-        import re
-
         m = re.search(r"<sub>(\d+) tokens", final)
         if not stamps or not m:
             raise RuntimeError(f"no answer: {final[:200]!r}")
