@@ -119,6 +119,17 @@ def stream_call(server: AppServer, data_json: str, api_name: str = "chat"):
         connection.close()
 
 
+def stream_answer(server: AppServer, data: list):
+    """The chat endpoint's answer as it grows (each event's first output), in a new session."""
+    import json
+
+    for kind, payload in stream_call(server, json.dumps(data)):
+        if kind == "error":
+            raise RuntimeError(f"server error event: {payload}")
+        if kind in ("generating", "complete") and payload:
+            yield payload[0]
+
+
 def call_raw(server: AppServer, data_json: str, api_name: str = "chat", read_events: int | None = None):
     """POST a hand-written JSON `data` list to /gradio_api/call/<api_name> and follow its event stream.
 

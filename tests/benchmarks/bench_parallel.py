@@ -42,7 +42,7 @@ import app  # noqa: E402
 from bench_common import table  # noqa: E402
 from bench_serving import cache, log, phi35_shaped, smollm2  # noqa: E402
 from ggufchat.engine import LLAMA_THREAD, Engine, Request, Sampling  # noqa: E402
-from serving import app_server, llama_server, stream_call  # noqa: E402
+from serving import app_server, llama_server, stream_answer  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 SAMPLE = ROOT / "tests" / "data" / "oasst1-sample" / "train.jsonl"
@@ -54,6 +54,12 @@ def oasst_prompts(n: int) -> list[str]:
     rows = [json.loads(line) for line in SAMPLE.open()]
     texts = [r["text"] for r in rows if r["parent_id"] is None and r["role"] == "prompter" and 20 < len(r["text"]) < 300]
     return texts[:n]
+
+
+def fresh(messages: list[str], tag: str) -> list[str]:
+    """The messages with a tag in front that no earlier chat had: no path finds any of them in a cache (llama-server
+    keeps old prompts in RAM, the engine the cells of finished chats), only the system prompt they all share."""
+    return [f"({tag}.{i}) {m}" for i, m in enumerate(messages)]
 
 
 def summary(chats: list[dict]) -> dict:
@@ -186,12 +192,8 @@ class HttpPath:
         self.server, self.label = server, model.name
 
     def chat(self, message: str, n_gen: int) -> dict:
-        data = json.dumps([message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0])
         submit, stamps, final, last_text = time.perf_counter(), [], "", ""
-        for kind, payload in stream_call(self.server, data):
-            if kind not in ("generating", "complete") or not payload:
-                continue
-            final = payload[0]
+        for final in stream_answer(self.server, [message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0]):
             text = app.STATS.sub("", final)
             if text and text != last_text and not final.startswith((app.WAITING, app.NOTICE)):
                 stamps.append(time.perf_counter())
@@ -263,20 +265,19 @@ def main() -> None:
                 for b in args.chats:
                     for name, path in paths.items():
                         log(f"round {r + 1}/{args.rounds}: {b} chats, {name}")
-                        batch = prompts[r % 2 * MAX_B:][:b]
+                        batch = fresh(prompts[r % 2 * MAX_B:][:b], f"{r}.{b}")
                         chats = (path.batch(batch, n_gen) if hasattr(path, "batch")
                                  else together(lambda m, p=path: p.chat(m, n_gen), batch))
                         samples[name][b].append(summary(chats))
                 # A chat arriving while three others stream, against the same chat alone (HTTP, as visitors see it).
-                # Same length, different last words: neither finds its message in the cache, both its system prompt.
                 late = prompts[-1 - r]
-                alone = paths["http"].chat(f"{late} ({r}a)", 4)
+                alone = paths["http"].chat(*fresh([late], f"{r}a"), 4)
                 arrivals["alone"].append(alone["first"] - alone["submit"])
                 runners = [threading.Thread(target=paths["http"].chat, args=(prompts[i], n_gen * 3)) for i in range(3)]
                 for th in runners:
                     th.start()
                 time.sleep(2.0)  # they are streaming
-                late_run = paths["http"].chat(f"{late} ({r}b)", 4)
+                late_run = paths["http"].chat(*fresh([late], f"{r}b"), 4)
                 arrivals["beside three"].append(late_run["first"] - late_run["submit"])
                 for th in runners:
                     th.join()
