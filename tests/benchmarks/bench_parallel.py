@@ -4,11 +4,13 @@
     python tests/benchmarks/bench_parallel.py                                  # Phi-3.5-mini-shaped Q4_K_M
     python tests/benchmarks/bench_parallel.py --llama-server                   # also llama.cpp's llama-server -np 8
 
-Paths, each with B chats started together (distinct real oasst1 first messages, the same system message):
+Paths, each with B chats started together (real oasst1 first messages, each tagged so that no cache has seen it;
+the same system message):
 - raw loop: the ceiling, a bare batched llama_decode loop on the engine's model (all prompts in one batch, then one
   token per chat per step, greedy argmax, nothing else);
 - engine: the app's engine in this process, no web server (scheduler, sampler chains, detokenizing, streaming);
-- http: the app (`python app.py`, PARALLEL=8) over HTTP, one event stream per chat (Gradio's REST API, blocking\n  reads);
+- http: the app (`python app.py`, PARALLEL=8) over HTTP, one event stream per chat (Gradio's REST API, blocking
+  reads);
 - llama-server: llama.cpp's own server (`-np 8`, unified KV, built once from the same llama-cpp-python sdist by
   tests/build_llama_server.sh), the chats posted to /completion as token ids.
 
