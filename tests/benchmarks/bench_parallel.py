@@ -193,13 +193,16 @@ class HttpPath:
     def __init__(self, server, model: Path):
         self.server, self.label = server, model.name
 
-    def chat(self, message: str, n_gen: int) -> dict:
+    def chat(self, message: str, n_gen: int, streaming: threading.Event | None = None) -> dict:
+        """One chat; `streaming` is set at its first token."""
         submit, stamps, final, last_text = time.perf_counter(), [], "", ""
         for final in stream_answer(self.server, [message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0]):
             text = app.STATS.sub("", final)
             if text and text != last_text and not final.startswith((app.WAITING, app.NOTICE)):
                 stamps.append(time.perf_counter())
                 last_text = text
+                if streaming is not None:
+                    streaming.set()
         m = re.search(r"<sub>(\d+) tokens", final)
         if not stamps or not m:
             raise RuntimeError(f"no answer: {final[:200]!r}")
@@ -275,10 +278,14 @@ def main() -> None:
                 late = prompts[-1 - r]
                 alone = paths["http"].chat(*fresh([late], f"{r}a"), 4)
                 arrivals["alone"].append(alone["first"] - alone["submit"])
-                runners = [threading.Thread(target=paths["http"].chat, args=(prompts[i], n_gen * 3)) for i in range(3)]
+                streaming = [threading.Event() for _ in range(3)]
+                runners = [threading.Thread(target=paths["http"].chat, args=(m, n_gen * 3, streaming[i]))
+                           for i, m in enumerate(fresh(prompts[:3], f"{r}r"))]
                 for th in runners:
                     th.start()
-                time.sleep(2.0)  # they are streaming
+                for event in streaming:  # all three past their prompts (which take seconds here), then a moment more
+                    event.wait(600)
+                time.sleep(0.5)
                 late_run = paths["http"].chat(*fresh([late], f"{r}b"), 4)
                 arrivals["beside three"].append(late_run["first"] - late_run["submit"])
                 for th in runners:
