@@ -339,16 +339,18 @@ def plot(med, chats, title: str, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    for name, per_b in med.items():
-        ax.plot(chats, [per_b[b]["wall_tps"] for b in chats], "o-", label=name)
-    ax.set_xlabel("concurrent chats")
-    ax.set_ylabel("tokens/s, all chats, prompts included")
-    ax.set_xticks(chats)
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in zip(axes, ("wall_tps", "decode_tps"), ("prompts included", "decode (from the first token)")):
+        for name, per_b in med.items():
+            ax.plot(chats, [per_b[b][key] for b in chats], "o-", label=name)
+        ax.set_xlabel("concurrent chats")
+        ax.set_ylabel("tokens/s, all chats")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(chats)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
