@@ -245,8 +245,6 @@ def test_the_app_writes_nothing_beside_itself(server):
 
 def wakeups(pid: int) -> int:
     """How many times the process's threads have gone to sleep and been woken (Linux counts them per thread)."""
-    from pathlib import Path
-
     total = 0
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
         fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)

@@ -42,7 +42,7 @@ for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
 
 import app  # noqa: E402
 from bench_common import table  # noqa: E402
-from bench_serving import cache, log, phi35_shaped, smollm2  # noqa: E402
+from bench_serving import cache, log, phi35_shaped, smollm2, text_stamps  # noqa: E402
 from ggufchat.engine import LLAMA_THREAD, Engine, Request, Sampling  # noqa: E402
 from serving import app_server, llama_server, stream_answer  # noqa: E402
 
@@ -195,14 +195,9 @@ class HttpPath:
 
     def chat(self, message: str, n_gen: int, streaming: threading.Event | None = None) -> dict:
         """One chat; `streaming` is set at its first token."""
-        submit, stamps, final, last_text = time.perf_counter(), [], "", ""
-        for final in stream_answer(self.server, [message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0]):
-            text = app.STATS.sub("", final)
-            if text and text != last_text and not final.startswith((app.WAITING, app.NOTICE)):
-                stamps.append(time.perf_counter())
-                last_text = text
-                if streaming is not None:
-                    streaming.set()
+        submit = time.perf_counter()
+        updates = stream_answer(self.server, [message, self.label, SYSTEM, n_gen, 0.7, 0.95, 40, 1.0])
+        stamps, final = text_stamps(updates, streaming.set if streaming is not None else None)
         m = re.search(r"<sub>(\d+) tokens", final)
         if not stamps or not m:
             raise RuntimeError(f"no answer: {final[:200]!r}")

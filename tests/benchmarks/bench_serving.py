@@ -219,18 +219,27 @@ def stats_of(answer: str) -> dict:
     return {"generated": int(m[1]), "evaluated": int(m[3]), "prompt": int(m[4])} if m else {}
 
 
-def measure_updates(updates) -> dict:
-    """Time the stream of growing answers a generator or a gradio_client job yields."""
+def text_stamps(updates, on_first=None) -> tuple[list[float], str]:
+    """When each of a stream of growing answers (respond(), a gradio_client job, an event stream) changed the answer's
+    text, waiting-line messages and notices aside; and the last update. `on_first()` runs at the first change."""
     stamps, last_text, final = [], "", ""
-    start = time.perf_counter()
     for update in updates:
         final = update
         text = app.STATS.sub("", update)  # the last update carries the stats line, and maybe the last tokens too
-        if text != last_text and not update.startswith(("⏳", "⚠️")):
+        if text and text != last_text and not update.startswith((app.WAITING, app.NOTICE)):
             stamps.append(time.perf_counter())
             last_text = text
+            if on_first is not None and len(stamps) == 1:
+                on_first()
         if "tokens/s" in update:
             break
+    return stamps, final
+
+
+def measure_updates(updates) -> dict:
+    """Time the stream of growing answers a generator or a gradio_client job yields."""
+    start = time.perf_counter()
+    stamps, final = text_stamps(updates)
     s = stats_of(final)
     if not stamps:
         raise RuntimeError(f"no answer text was streamed; the last update was {final[:200]!r}")
