@@ -267,6 +267,8 @@ class Engine:
         self.admissions = 0
         self.steps = 0  # llama_decode calls, for tests and benchmarks
         self.trace: deque[tuple[int, int]] = deque(maxlen=4096)  # (tokens answering, prompt tokens) of recent steps
+        # Text and ends for the chats' streams, handed over just before the next llama_decode: see _hand_over.
+        self.outbox: list[tuple[Request, object]] = []
         self.model = self.ctx = self.batch = self.vocab = None
         self.kv_bytes = 0
 
@@ -342,6 +344,7 @@ class Engine:
         for request in self.waiting + self.incoming:
             self._end(request, "error", gone)
         self.waiting, self.incoming = [], []
+        self._hand_over()
         llama_cpp.llama_batch_free(self.batch)
         llama_cpp.llama_free(self.ctx)
         self.model.close()
@@ -371,6 +374,21 @@ class Engine:
             self._admit(self.waiting.pop(0))
         if any(slot.request is not None for slot in self.slots):
             self._step()
+        if not self.busy():  # no llama_decode follows to hand the last words over
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Wake the chats' readers with what this thread has for them. Called just before llama_decode, which lets go of
+        the GIL for the whole step: each reader (the web server's Python) wakes while llama.cpp computes, instead of
+        taking the GIL back at each ctypes call this thread still has to make before it (sampling the other chats),
+        where this thread then waited up to a switch interval (5 ms) each time. Measured 2026-11-30, four HTTP chats on
+        the Phi-3.5-mini shape (2 cores): from the end of one llama_decode to the start of the next, median 2.4 ms
+        before, 0.8 ms after (the engine alone: 0.7 ms)."""
+        for request, item in self.outbox:
+            request.events.put(item)
+            if item is _END:
+                request.done.set()
+        self.outbox = []
 
     def _gather(self) -> None:
         """Wait (holding LLAMA_THREAD.cond) for more arrivals while they keep coming and there are free slots."""
@@ -471,6 +489,7 @@ class Engine:
             budget -= len(chunk)
             add(slot, chunk, len(chunk) == len(slot.todo) and slot.request.max_tokens > 0)
         batch.n_tokens = n
+        self._hand_over()
         rc = llama_cpp.llama_decode(self.ctx, batch)
         self.steps += 1
         answering = sum(1 for slot, _ in evaluated if slot.next_token is not None)
@@ -538,7 +557,7 @@ class Engine:
         slot.held = slot.held[len(out):] if not stopped else ""
         if out:
             request.text += out
-            request.events.put(out)
+            self.outbox.append((request, out))
         return stopped
 
     def _finish(self, slot: Slot, reason: str, error: str | None = None) -> None:
@@ -547,7 +566,7 @@ class Engine:
         request = slot.request
         if reason in ("length", "stop") and slot.held:  # it ended inside what looked like a stop string: it was not one
             request.text += slot.held
-            request.events.put(slot.held)
+            self.outbox.append((request, slot.held))
         if reason in ("cancelled", "error"):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)  # Stop frees the chat's cells at once
             slot.cells = []
@@ -560,5 +579,4 @@ class Engine:
         request.stats.reason = reason
         request.stats.finished_at = time.perf_counter()
         request.error = error
-        request.events.put(_END)
-        request.done.set()
+        self.outbox.append((request, _END))

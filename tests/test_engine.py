@@ -145,6 +145,45 @@ def test_stopping_one_of_four_chats_ends_it_within_a_step_and_frees_its_cells(en
     assert any(len(r.stats.generated) == 200 for r in others)  # they went on long after the Stop
 
 
+def test_readers_are_woken_just_before_llama_decode_not_between_the_chats_sampling(engine, chatml, monkeypatch):
+    """A step's text reaches the chats' queues in one hand-over right before the next llama_decode (which lets go of
+    the GIL for the whole step), never between two chats' sampling calls: a reader woken there takes the GIL at each
+    ctypes call the engine still has to make. Counted at the entry of each of those calls, in the llama.cpp thread."""
+    import llama_cpp
+
+    forget(engine)
+    requests = [Request(chatml(p), 12, GREEDY) for p in PROMPTS]
+    queued = lambda: sum(r.events.qsize() for r in requests)  # noqa: E731 - nobody reads until the end
+    seen: list[tuple[str, int]] = []
+    real_decode, real_sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
+
+    def decode(ctx, batch):
+        seen.append(("decode", queued()))
+        return real_decode(ctx, batch)
+
+    def sample(chain, ctx, row):
+        seen.append(("sample", queued()))
+        return real_sample(chain, ctx, row)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", sample)
+    for r in requests:
+        engine.submit(r)
+    assert all(r.done.wait(120) for r in requests)
+    monkeypatch.undo()
+    assert sum(kind == "sample" for kind, _ in seen) > 2 * len(requests)
+    at_decode = 0
+    for kind, count in seen:
+        if kind == "decode":
+            assert count >= at_decode  # the readers have not read yet: the queues only grow
+            at_decode = count
+        else:
+            assert count == at_decode, seen  # nothing handed over since the last llama_decode
+    # and the last words (after the last step) were handed over too: every answer is whole
+    for r in requests:
+        assert "".join(r.stream()) == r.text and r.text.strip()
+
+
 def endless(engine, seed=1) -> Sampling:
     """Sampling that never picks an end-of-generation token: an answer that runs to its max tokens."""
     eog = [t for t in range(engine.vocab.n_tokens) if engine.vocab.is_eog(t)]
