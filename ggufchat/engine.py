@@ -15,10 +15,12 @@ Phi-3.5-mini shape Q4_K_M, one chat decoded at 0.52 tokens/s beside 5,800 cells 
 in the step ends with a notice: `llama_decode` never fails in a visitor's face.
 
 Prefix reuse: a slot keeps the cells of its last chat when that chat ends, and a chat's next turn (or the same
-request again) takes the slot that holds its prompt's beginning. Any other chat takes an empty or the least recently
-used slot and, when another slot shares a long enough beginning with it (a long system prompt), copies that stream
-(`llama_memory_seq_cp` across streams copies the whole buffer) and keeps the shared part. A stopped chat's cells are
-freed at once.
+request again) takes the slot that holds its prompt's beginning. Any other chat takes an empty slot if there is one,
+else one holding a finished chat; among those, first one that keeps the running chats' sequence ids consecutive
+(llama.cpp makes a pass over the weights per run of consecutive ids in a step: see runs()), then the least recently
+used. When another slot shares a long enough beginning with it (a long system prompt), it copies that stream
+(`llama_memory_seq_cp` across streams copies the whole buffer) and keeps the shared part. A stopped chat's cells
+are freed at once.
 
 The engine knows token ids and sampling, never prompt formats: see prompt.py for those, and backends.py for the
 glue.
@@ -209,6 +211,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def runs(seqs: set[int]) -> int:
+    """How many runs of consecutive ids `seqs` make: how many passes over the weights llama.cpp makes for one step
+    of chats in those sequences. With a KV stream per sequence, llama.cpp cuts each `llama_decode` into micro-batches
+    of consecutive sequence ids (llama_batch_allocr::split_equal with `sequential`), so four chats in sequences 0, 1, 6
+    and 7 cost two passes a step. Measured 2026-12-01 on 2 cores, Phi-3.5-mini shape Q4_K_M, four chats of 64 tokens
+    (4 interleaved rounds): in sequences 1-4, 13.8 tokens/s; in two or three runs (0, 1, 4, 7 or 0, 3, 4, 7), where
+    the empty-or-least-recently-used choice alone put them, 10.0."""
+    return sum(1 for seq in seqs if seq - 1 not in seqs)
 
 
 _LOG_CALLBACK = None  # referenced for as long as llama.cpp may call it
@@ -411,12 +423,14 @@ class Engine:
         # A chat's next turn continues the cells it left, and an answer asked for again (a retry, the same request)
         # takes the cells its prompt already has: nothing of anyone else's is lost, and the prompt's last token is
         # computed as it was the first time (so a fixed seed gives the same answer). Any other chat takes an empty slot
-        # or else the least recently used one, and copies what it shares with any slot (the system prompt).
+        # or else one whose chat has ended, next to the running chats if it can (see runs()) and else the least
+        # recently used, and copies what it shares with any slot (the system prompt).
         continuing = [s for s in idle if s.cells and common_prefix(s.cells, ids) in (len(s.cells), len(ids))]
         if continuing:
             slot = max(continuing, key=lambda s: len(s.cells))
         else:
-            slot = min(idle, key=lambda s: (bool(s.cells), s.used_at))
+            running = {s.seq for s in self.slots if s.request is not None}
+            slot = min(idle, key=lambda s: (bool(s.cells), runs(running | {s.seq}), s.used_at))
         keep = common_prefix(slot.cells, ids)
         donor = max(self.slots, key=lambda s: common_prefix(s.cells, ids))
         if donor is not slot and common_prefix(donor.cells, ids) - keep >= COPY_MIN_TOKENS:
@@ -463,9 +477,12 @@ class Engine:
 
         batch, n = self.batch, 0
         rows: dict[int, Slot] = {}  # logits row -> slot
-        evaluated: list[tuple[Slot, list[int]]] = []  # (slot, its tokens in this batch)
+        evaluated: list[tuple[Slot, list[int], bool]] = []  # (slot, its tokens in this batch, logits of the last)
 
         def add(slot: Slot, tokens: list[int], logits_last: bool) -> None:
+            evaluated.append((slot, tokens, logits_last))
+
+        def write(slot: Slot, tokens: list[int], logits_last: bool) -> None:
             nonlocal n
             start = len(slot.cells)
             for j, token in enumerate(tokens):
@@ -475,31 +492,36 @@ class Engine:
                 if batch.logits[n]:
                     rows[n] = slot
                 n += 1
-            evaluated.append((slot, tokens))
 
         for slot in self.slots:
             if slot.request is not None and slot.next_token is not None:
                 add(slot, [slot.next_token], True)
         # While others are answering, a new prompt goes in bounded chunks; alone, as fast as a batch allows.
-        budget = (min(self.prefill_chunk, self.n_batch - n) if n else self.n_batch)
+        n_answering = len(evaluated)
+        budget = (min(self.prefill_chunk, self.n_batch - n_answering) if n_answering else self.n_batch)
         for slot in sorted((s for s in self.slots if s.request is not None and s.todo), key=lambda s: s.admitted):
             if budget <= 0:
                 break
             chunk = slot.todo[:budget]
             budget -= len(chunk)
             add(slot, chunk, len(chunk) == len(slot.todo) and slot.request.max_tokens > 0)
+        # In sequence order: llama.cpp splits a step into one pass over the weights per run of consecutive sequence
+        # ids, taken in the batch's order (non-unified KV; see runs()).
+        evaluated.sort(key=lambda e: e[0].seq)
+        for entry in evaluated:
+            write(*entry)
         batch.n_tokens = n
         self._hand_over()
         rc = llama_cpp.llama_decode(self.ctx, batch)
         self.steps += 1
-        answering = sum(1 for slot, _ in evaluated if slot.next_token is not None)
+        answering = sum(1 for slot, _, _ in evaluated if slot.next_token is not None)
         self.trace.append((answering, n - answering))
         if rc != 0:
-            for slot, _ in evaluated:  # whatever part of the batch did land is not ours to keep
+            for slot, _, _ in evaluated:  # whatever part of the batch did land is not ours to keep
                 llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, len(slot.cells), -1)
             self._no_room(evaluated) if rc == 1 else self._failed(evaluated, rc)
             return
-        for slot, tokens in evaluated:
+        for slot, tokens, _ in evaluated:
             slot.cells += tokens
             if slot.next_token is not None:  # a slot that is answering evaluates its last sampled token, nothing else
                 slot.next_token = None
@@ -519,11 +541,11 @@ class Engine:
     def _no_room(self, evaluated) -> None:
         """llama.cpp found no free cells for the step (its streams should make that impossible): end the newest chat
         in it with a notice, and go on with the others."""
-        newest = max((slot for slot, _ in evaluated), key=lambda s: s.admitted)
+        newest = max((slot for slot, _, _ in evaluated), key=lambda s: s.admitted)
         self._finish(newest, "error", "The model's memory is full right now; please try again in a minute.")
 
     def _failed(self, evaluated, rc: int) -> None:
-        for slot, _ in evaluated:
+        for slot, _, _ in evaluated:
             if slot.request is not None:
                 self._finish(slot, "error", f"llama.cpp could not compute this answer (llama_decode returned {rc}).")
 
