@@ -242,7 +242,9 @@ def main() -> None:
     parser.add_argument("--llama-server", action="store_true", help="also llama.cpp's llama-server (built once)")
     args = parser.parse_args()
     model = smollm2() if args.model == "smollm2" else phi35_shaped()
-    n_gen, t, n_ctx = args.n_gen or (96 if args.model == "smollm2" else 32), args.threads, 1024
+    # 64 tokens: four Phi-3.5-sized chats then decode together for ~20 s; with 32 (~10 s) this VM's drift of a third
+    # within minutes moved the ratios by 0.2 from round to round.
+    n_gen, t, n_ctx = args.n_gen or (96 if args.model == "smollm2" else 64), args.threads, 1024
     prompts = oasst_prompts(MAX_B * 2)
     app.load_cpu_backend()
     engine = EnginePath(model, t, n_ctx)
