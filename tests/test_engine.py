@@ -246,7 +246,7 @@ def test_chats_running_at_once_sit_in_consecutive_sequences_so_each_step_is_one_
         seqs = sorted({seq for batch, _ in passes for seq in batch})
         assert len(seqs) == 4 and seqs == list(range(seqs[0], seqs[0] + 4)), seqs
         four = [n for batch, n in passes if sorted(batch) == seqs]  # the steps where all four answer
-        assert len(four) >= 10 and set(four) == {1}, four
+        assert len(four) >= 5 and set(four) == {1}, four
         assert all(len(r.stats.generated) == 12 for r in requests)
     finally:
         engine.close()
