@@ -24,7 +24,8 @@ import gradio as gr
 from ggufchat.backends import Done, EngineSettings, ModelStore, answer
 from ggufchat.remote import RemoteStore, Server
 from ggufchat.cpu_backend import load_cpu_backend
-from ggufchat.engine import KV_TYPES, EngineError
+from ggufchat.engine import KV_TYPES
+from ggufchat.request import EngineError
 from ggufchat.line import WaitingLine  # noqa: F401 - tests use it from here
 from ggufchat.errors import BadRequest, Busy, ConfigError
 from ggufchat.feedback import Feedback

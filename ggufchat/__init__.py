@@ -6,6 +6,8 @@ Each module owns one thing and says so at its top:
 - cpu_backend  registers llama.cpp's fastest CPU variant this machine's OS can run
 - files        model files: Hub downloads through the HF cache, local paths, integrity checks
 - prompt       prompt formats, the injection-proof tokenizer, history fitting
+- llama_thread the one thread that runs llama.cpp in this process, and llama.cpp's log filter
+- request      one answer as its caller sees it: sampling settings, streamed text, stats, EngineError
 - engine       several chats decoded together in one llama.cpp context (slots, sampling, prefix reuse)
 - line         the waiting line: seats at the engine, first come first served
 - feedback     Like/Dislike rows, pushed to a Hub dataset

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Engine, EngineError, Request, Sampling
+from .engine import Engine
+from .request import EngineError, Request, Sampling
 from .line import WaitingLine
 from .errors import ConfigError
 from .files import ModelSpec, check_model_file

@@ -23,75 +23,23 @@ used. When another slot shares a long enough beginning with it (a long system pr
 are freed at once.
 
 The engine knows token ids and sampling, never prompt formats: see prompt.py for those, and backends.py for the
-glue.
+glue. What a caller submits and reads back is a Request (request.py); LLAMA_THREAD (llama_thread.py) steps the engine.
 """
 
 from __future__ import annotations
 
 import codecs
-import queue
 import random
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Busy, ConfigError
-
-
-class LlamaThread:
-    """The one thread in which every llama.cpp computation of the process runs: model loads, other jobs handed to
-    it with `call`, and one step of every live engine in turn.
-
-    One thread, because OpenMP keeps a team of worker threads per thread that starts parallel work: once a second
-    thread had computed, every later token in the process was ~15% slower (measured 2026-11-28 on 2 cores,
-    Phi-3.5-mini-shaped Q4_K_M). It also lets llama.cpp decode ahead of the web server, which spends a few ms of
-    Python on each streamed update. Several engines may be live at once (tests do that; the Space keeps one).
-    """
-
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.jobs: deque = deque()  # (future, fn, args, kwargs)
-        self.engines: list[Engine] = []
-        self.thread: threading.Thread | None = None
-
-    def call(self, fn, *args, **kwargs):
-        """Run fn(*args, **kwargs) in the llama.cpp thread and return its result (from any other thread)."""
-        from concurrent.futures import Future
-
-        future: Future = Future()
-        with self.cond:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="llama", daemon=True)
-                self.thread.start()
-            self.jobs.append((future, fn, args, kwargs))
-            self.cond.notify_all()
-        return future.result()
-
-    def wake(self) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.jobs and not any(e.has_work() for e in self.engines):
-                    self.cond.wait()
-                jobs, self.jobs = list(self.jobs), deque()
-            for future, fn, args, kwargs in jobs:
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as err:  # handed to the caller
-                    future.set_exception(err)
-            for engine in list(self.engines):
-                engine.tick()
-
-
-LLAMA_THREAD = LlamaThread()
+from .llama_thread import LLAMA_THREAD, quiet_llama_log
+from .request import _END, PENALTY_LAST_N, Request, Sampling
 
 KV_TYPES = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}  # name -> (ggml type, bytes per element)
-PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-python's default)
 # Copying another chat's stream to reuse the beginning of a prompt copies the whole stream (n_ctx cells): worth it
 # only for a shared beginning this long (estimate: a 1.5 GB stream of Phi-3.5-mini at 4096 cells copies in about the
 # time its prompt processing takes for 16 tokens on 2 cores).
@@ -102,93 +50,6 @@ COPY_MIN_TOKENS = 16
 # Phi-3.5-mini shape (2 cores), their first tokens spread from 4.1 to 5.9 s; gathered, all four came at once. A lone
 # visitor pays GATHER_S once, against seconds of prompt.
 GATHER_S, GATHER_MAX_S = 0.03, 0.25
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    typical_p: float = 1.0
-    repeat_penalty: float = 1.1
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int = -1  # -1: a fresh seed for this answer
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits before anything else
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int
-    evaluated: int = 0  # prompt tokens llama.cpp computed for this answer; the others came from the cache
-    generated: list[int] = field(default_factory=list)  # every sampled token but an end-of-generation one
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    reason: str = ""  # stop | length | cancelled | error
-
-    @property
-    def tokens_per_s(self) -> float:
-        n = len(self.generated)
-        if n < 2 or not self.first_token_at or not self.finished_at or self.finished_at <= self.first_token_at:
-            return 0.0
-        return (n - 1) / (self.finished_at - self.first_token_at)
-
-
-class EngineError(Exception):
-    """An answer the engine had to end; the message is for the visitor."""
-
-
-_END = object()
-
-
-class Request:
-    """One answer: prompt ids in; text pieces, then the end, out. Closing its stream cancels it."""
-
-    def __init__(self, ids: list[int], max_tokens: int, sampling: Sampling = Sampling(), stop=(),
-                 record_logits: bool = False):
-        self.ids = [int(t) for t in ids]
-        self.logits: list | None = [] if record_logits else None  # each sampled position's logits (numpy), for tests
-        self.max_tokens = max_tokens  # 0: evaluate the prompt only (a warm-up)
-        self.sampling = sampling
-        self.stop = tuple(s for s in stop if s)
-        self.stats = Stats(prompt_tokens=len(self.ids))
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.cancelled = threading.Event()
-        self.done = threading.Event()
-        self.error: str | None = None
-        self.text = ""  # what was streamed
-        self.engine: Engine | None = None
-
-    def cancel(self) -> None:
-        if not self.done.is_set():
-            self.cancelled.set()
-            if self.engine is not None:
-                self.engine.wake()
-
-    def stream(self, pace: float = 0.0):
-        """Yield the answer's text as it comes: everything decoded since the previous yield. With `pace`, wait that
-        long after each yield (the engine decodes on meanwhile) so that a slow consumer gets few, larger updates.
-        Closing the generator cancels the answer; an answer the engine had to end raises EngineError."""
-        try:
-            while True:
-                items = [self.events.get()]
-                while True:
-                    try:
-                        items.append(self.events.get_nowait())
-                    except queue.Empty:
-                        break
-                text = "".join(item for item in items if isinstance(item, str))
-                if text:
-                    yield text
-                    if pace:
-                        self.done.wait(pace)
-                if _END in items:
-                    if self.error:
-                        raise EngineError(self.error)
-                    return
-        finally:
-            self.cancel()
 
 
 @dataclass
@@ -221,34 +82,6 @@ def runs(seqs: set[int]) -> int:
     (4 interleaved rounds): in sequences 1-4, 13.8 tokens/s; in two or three runs (0, 1, 4, 7 or 0, 3, 4, 7), where
     the empty-or-least-recently-used choice alone put them, 10.0."""
     return sum(1 for seq in seqs if seq - 1 not in seqs)
-
-
-_LOG_CALLBACK = None  # referenced for as long as llama.cpp may call it
-
-
-def quiet_llama_log() -> None:
-    """Let through llama.cpp's warnings and errors only: at INFO it logs every tensor and buffer it sets up.
-
-    llama-cpp-python's own log filter maps ggml's levels by an older numbering (INFO became 2, WARN 3, ERROR 4), so
-    at any threshold it either prints every INFO line or drops the errors; this callback reads today's numbers."""
-    import ctypes
-    import sys
-
-    import llama_cpp
-
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is not None:
-        return
-    warn, cont, shown = 3, 5, [False]  # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
-
-    @llama_cpp.llama_log_callback
-    def callback(level, text, _user_data):
-        shown[0] = shown[0] if level == cont else level >= warn
-        if shown[0]:
-            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
-
-    _LOG_CALLBACK = callback
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 def kv_bytes_per_token(model, kv_type: str) -> int:

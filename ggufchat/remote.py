@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from .backends import Done, Store
-from .engine import PENALTY_LAST_N, EngineError
+from .request import PENALTY_LAST_N, EngineError
 from .errors import ConfigError
 from .line import WaitingLine
 from .prompt import PROMPT_FORMATS, PromptFormat, PromptTokenizer, detect_prompt_format, make_messages_formatter

@@ -284,7 +284,8 @@ def test_an_answer_of_partial_utf8_characters_stops_at_max_tokens_and_inside_the
     """llama-cpp-python 0.3.36 checks max_tokens only after a token that ends a UTF-8 character: SmolLM2, answering
     the message "\\x80" at temperature 0 with lead bytes only, ran past max_tokens and off the end of the context
     (llama_decode returned 1). The engine counts every token. Here a logit bias forces lead bytes."""
-    from ggufchat.engine import Engine, Request, Sampling
+    from ggufchat.engine import Engine
+    from ggufchat.request import Request, Sampling
 
     engine = Engine(smollm2_gguf, n_ctx=256, parallel=1).start()
     try:

@@ -43,7 +43,9 @@ for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
 import app  # noqa: E402
 from bench_common import table  # noqa: E402
 from bench_serving import cache, log, phi35_shaped, smollm2, text_stamps  # noqa: E402
-from ggufchat.engine import LLAMA_THREAD, Engine, Request, Sampling  # noqa: E402
+from ggufchat.engine import Engine  # noqa: E402
+from ggufchat.llama_thread import LLAMA_THREAD  # noqa: E402
+from ggufchat.request import Request, Sampling  # noqa: E402
 from serving import app_server, llama_server, stream_answer  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"

@@ -36,7 +36,7 @@ for p in (ROOT, ROOT / "build", ROOT / "tests"):
 import app  # noqa: E402
 from bench_common import phi35_config, table  # noqa: E402
 from ggufchat.backends import EngineSettings  # noqa: E402
-from ggufchat.engine import LLAMA_THREAD  # noqa: E402
+from ggufchat.llama_thread import LLAMA_THREAD  # noqa: E402
 from serving import app_server, stream_answer  # noqa: E402
 
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
