@@ -23,7 +23,7 @@ import gradio as gr
 
 from ggufchat.backends import Done, EngineSettings, ModelStore, answer
 from ggufchat.remote import RemoteStore, Server
-from ggufchat.cpu_backend import load_cpu_backend
+from ggufchat.cpu_backend import CpuBackend, load_cpu_backend
 from ggufchat.engine import KV_TYPES
 from ggufchat.request import EngineError
 from ggufchat.line import WaitingLine  # noqa: F401 - tests use it from here
@@ -356,13 +356,13 @@ def build_ui(labels: list[str]) -> gr.Blocks:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def serving_line(store: ModelStore, settings: Settings, cpu: str) -> str:
+def serving_line(store: ModelStore, settings: Settings, cpu: CpuBackend) -> str:
     """One line that says what this process serves and with what: for the Space's log."""
     from ggufchat.files import human_size
 
     files = ", ".join(f"{p.name} ({human_size(p.stat().st_size)})" for p in store.paths.values())
     kv = store.current.engine.kv_bytes if store.current else 0
-    return (f"serving: llama.cpp CPU backend {cpu} · {settings.n_threads} decode / {settings.n_threads_batch} prompt "
+    return (f"serving: llama.cpp CPU backend {cpu.name} · {settings.n_threads} decode / {settings.n_threads_batch} prompt "
             f"threads · {files} · context {settings.n_ctx} tokens per chat × {store.line.capacity} parallel chats · "
             f"KV cache {human_size(kv)} ({settings.kv_type})")
 

@@ -3,7 +3,8 @@
 Each module owns one thing and says so at its top:
 
 - errors       the exceptions that reach a visitor as a one-line notice
-- cpu_backend  registers llama.cpp's fastest CPU variant this machine's OS can run
+- cpu_backend  registers llama.cpp's fastest CPU variant proven to run on this machine (cached verdict)
+- cpu_probe    the child process that proves it: a real K-quant product; a trap kills the child, not the Space
 - files        model files: Hub downloads through the HF cache, local paths, integrity checks
 - prompt       prompt formats, the injection-proof tokenizer, history fitting
 - llama_thread the one thread that runs llama.cpp in this process, and llama.cpp's log filter

@@ -6,7 +6,9 @@
 #   bash tests/build_llama_server.sh        # ~6 minutes on 2 cores the first time, then instant
 #
 # Portable: no -march=native (a cached binary must not SIGILL on the next machine); AVX2/FMA/F16C when this CPU has
-# them (llama-cpp-python's best CPU variant on such a machine uses the same kernels), plain x86-64 otherwise.
+# them (llama-cpp-python's haswell variant, the same kernels), plain x86-64 otherwise. Never AVX-512 or AMX: some VMs
+# list AMX and trap on it, and one static binary cannot fall back the way the app's probed CPU variants do.
+# (With GGML_NATIVE=OFF, llama.cpp's CMake turns SSE4.2 ... AVX2 on by default, so "otherwise" must say OFF.)
 # Static, no curl (the tests give it local files) and no web UI (the API is all the Space needs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +20,15 @@ from oasstbuild.export import fetch_sdist, runtime_version
 print(fetch_sdist(runtime_version(), cache_dir()))')
 cache=$(dirname "$tarball")
 flags=(-DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
-       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release)
-if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
-  flags+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
-fi
+       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release
+       -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+haswell=ON
+for flag in sse4_2 avx avx2 fma f16c bmi2; do
+  [[ "$cpu_flags" == *" $flag "* ]] || haswell=OFF
+done
+flags+=(-DGGML_SSE42=$haswell -DGGML_AVX=$haswell -DGGML_AVX2=$haswell -DGGML_FMA=$haswell -DGGML_F16C=$haswell
+        -DGGML_BMI2=$haswell)
 key=$(printf '%s ' "$version" "${flags[@]}" | sha256sum | cut -c1-12)
 out="$cache/llama-server-$version-$key"
 if [ -x "$out/llama-server" ]; then

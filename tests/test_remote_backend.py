@@ -9,6 +9,7 @@ the model file in process, on ChatML (SmolLM2) and on Phi-3's markers, which str
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -241,3 +242,24 @@ def test_start_up_without_a_server_says_what_to_set(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: BACKEND_URL=http://127.0.0.1:") and "not ready" in last and "llama-server" in last
+
+
+# llama.cpp's names in system_info for the instruction sets it was compiled with -> the /proc/cpuinfo flag of each.
+ISA_FLAGS = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma", "BMI2": "bmi2",
+             "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+             "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8"}
+
+
+def test_the_llama_server_binary_uses_no_instruction_that_could_trap(tmp_path, smollm2_gguf):
+    """llama-server is one static binary, with no probed variants to fall back on: built without AVX-512 and AMX (which
+    some VMs list and trap on), using only instruction sets this machine's OS lists."""
+    from ggufchat.cpu_backend import os_cpu_flags
+
+    with llama_server(smollm2_gguf, tmp_path, slots=1, extra=("-lv", "4")) as server:
+        info = next(line for line in server.output().splitlines() if "system_info:" in line)
+    used = {name for name, on in re.findall(r"\b([A-Z0-9_]+) = (\d)", info.split("CPU :", 1)[1]) if on == "1"}
+    isas = used & set(ISA_FLAGS)
+    assert not {name for name in used if name.startswith(("AVX512", "AMX"))}, info
+    flags = os_cpu_flags()
+    assert flags is None or {ISA_FLAGS[name] for name in isas} <= flags, info
+    assert flags is None or ("AVX2" in isas) == ("avx2" in flags), info  # AVX2 where the CPU has it, never elsewhere

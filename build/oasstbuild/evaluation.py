@@ -7,12 +7,13 @@ their perplexities compare directly: a quant's cost is its distance from f16.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from pathlib import Path
 
-from .common import human_bytes, log, usable_cpus
+from .common import BuildError, human_bytes, log, usable_cpus
 from .recipe import Recipe
 
 
@@ -77,6 +78,19 @@ def sample_answer(llm, prompt_ids: list[int], max_tokens: int) -> dict:
     }
 
 
+@functools.cache
+def cpu_backend() -> None:
+    """Register the CPU variant the Space would pick on this machine (proven to run here by a probe in a child
+    process, so a variant whose instructions trap cannot kill the build), and say which, once."""
+    from ggufchat.cpu_backend import load_cpu_backend
+    from ggufchat.errors import ConfigError
+
+    try:
+        log(f"[evaluate] llama.cpp CPU backend: {load_cpu_backend()}")
+    except ConfigError as err:
+        raise BuildError(str(err)) from None
+
+
 def first_prompts(conversations: list[list[dict]], n: int) -> list[str]:
     """The opening user message of the first n held-out conversations (the prompts the side-by-side answers)."""
     prompts = []
@@ -92,10 +106,9 @@ def first_prompts(conversations: list[list[dict]], n: int) -> list[str]:
 def sampled_answers(path: Path, prompt_ids: list[list[int]], recipe: Recipe, threads: int, batch_threads: int):
     """One sampled answer per prompt: the recipe's temperature, llama.cpp's default top-k/top-p, and the same seed
     for every prompt and every model, so that the base and the fine-tune are compared under identical sampling."""
-    from ggufchat.cpu_backend import load_cpu_backend
     from llama_cpp import Llama
 
-    load_cpu_backend()
+    cpu_backend()
     llm = Llama(
         model_path=str(path),
         n_ctx=recipe.eval_ctx,
@@ -171,10 +184,9 @@ def thread_counts(recipe: Recipe) -> tuple[int, int]:
 
 
 def evaluate_file(path: Path, inputs, prompt_ids: list[int], recipe: Recipe, threads: int, batch_threads: int) -> dict:
-    from ggufchat.cpu_backend import load_cpu_backend
     from llama_cpp import Llama
 
-    load_cpu_backend()  # the same CPU variant the Space would pick on this machine
+    cpu_backend()
     t0 = time.perf_counter()
     # logits_all keeps every position's logits (n_ctx x vocab floats): needed for perplexity, not for generation.
     scorer = Llama(

@@ -356,7 +356,7 @@ def main() -> None:
         model, threads, n_gen, rounds = args.raw
         raw = RawPath(Path(model), int(threads))
         runs = [raw.measure(int(n_gen)) for _ in range(int(rounds))]
-        print(json.dumps({**median_run(runs), "cpu_backend": app.load_cpu_backend()}))
+        print(json.dumps({**median_run(runs), "cpu_backend": app.load_cpu_backend().name}))
         return
 
     model = smollm2() if args.model == "smollm2" else phi35_shaped()
@@ -367,7 +367,7 @@ def main() -> None:
 
     results: dict = {"model": model.name, "bytes": model.stat().st_size, "threads": t, "n_gen": n_gen,
                      "rounds": args.rounds, "llama_cpp_python": llama_cpp.__version__,
-                     "cpu_backend": app.load_cpu_backend()}
+                     "cpu_backend": app.load_cpu_backend().name}
     bench = llama_bench(runtime_cmake_args())
     log("llama-bench: prompt processing")
     llama_bench_prompt = run_llama_bench(bench, model, t, 64, 0, reps=3)["prompt_tps"]
