@@ -12,16 +12,18 @@ this file.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from ggufchat.backends import Done, EngineSettings, ModelStore, answer
+from ggufchat.backends import Done, EngineSettings, ModelStore, Reading, answer
 from ggufchat.remote import RemoteStore, Server
 from ggufchat.cpu_backend import CpuBackend, load_cpu_backend
 from ggufchat.engine import KV_TYPES
@@ -59,6 +61,11 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw not in ("0", "false", "no", "off")
+
+
 def _env_list(name: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
@@ -87,6 +94,9 @@ class Settings:
     backend_url: str | None = None  # a llama-server serves the chats; no model is loaded here
     backend_api_key: str | None = None
     backend_wait: int = 120  # seconds start-up waits for the server's /health (it may still be loading its model)
+    cache_mb: int = 4096  # host RAM for finished chats' cells, so that a returning chat is not read again (MiB)
+    context_shift: bool = True  # a long chat's dropped turns are cut out of its cells (see README "Long chats")
+    saved_chats_secret: str = ""  # the key of the chats Gradio saves in the browser ("": derived, see saved_chats_key)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -104,7 +114,7 @@ class Settings:
             n_batch=_env_int("N_BATCH", 512),
             queue_size=_env_int("QUEUE_SIZE", 16),
             seed=_env_int("SEED", -1, minimum=-1),
-            verify_sha256=os.environ.get("VERIFY_SHA256", "1") not in ("0", "false", "no"),
+            verify_sha256=_env_bool("VERIFY_SHA256", True),
             hf_token=os.environ.get("HF_TOKEN") or None,  # only when set: anonymous downloads otherwise
             parallel=_env_int("PARALLEL", 0) or None,
             kv_type=kv_type,
@@ -113,12 +123,18 @@ class Settings:
             # Its own setting, never HF_TOKEN: a token is sent only to a server someone named for it.
             backend_api_key=os.environ.get("BACKEND_API_KEY", "").strip() or None,
             backend_wait=_env_int("BACKEND_WAIT", 120, minimum=0),
+            # The Space's 16 GB hold Phi-3.5-mini Q4_K_M (2.4 GB), 4 chats' KV cache (6 GB at 4096 tokens each) and the
+            # process (~1.5 GB): 4 GiB of finished chats (~10,000 tokens of Phi-3.5-mini) still leave 2 GB spare.
+            cache_mb=_env_int("CACHE_RAM_MB", 4096, minimum=0),
+            context_shift=_env_bool("CONTEXT_SHIFT", True),
+            saved_chats_secret=os.environ.get("SAVED_CHATS_SECRET", "").strip(),
         )
 
     def engine(self) -> EngineSettings:
         return EngineSettings(n_ctx=self.n_ctx, parallel=self.parallel or DEFAULT_PARALLEL, n_threads=self.n_threads,
                               n_threads_batch=self.n_threads_batch, n_batch=self.n_batch, kv_type=self.kv_type,
-                              prefill_chunk=self.prefill_chunk, verify_sha256=self.verify_sha256, seed=self.seed)
+                              prefill_chunk=self.prefill_chunk, verify_sha256=self.verify_sha256, seed=self.seed,
+                              cache_mb=self.cache_mb, context_shift=self.context_shift)
 
 
 # 4 chats in one llama_decode per step: 1.5x the tokens/s of one chat on 2 cores (more on more cores), and every
@@ -152,7 +168,8 @@ CATALOG = [
 def prompt_format_from_env() -> str:
     prompt_format = os.environ.get("PROMPT_FORMAT", "auto").strip() or "auto"
     if prompt_format != "auto" and prompt_format not in PROMPT_FORMATS:
-        raise ConfigError(f"PROMPT_FORMAT={prompt_format!r} is unknown; use auto or one of {', '.join(PROMPT_FORMATS)}.")
+        raise ConfigError(f"PROMPT_FORMAT={prompt_format!r} is unknown; use auto or one of "
+                          f"{', '.join(PROMPT_FORMATS)}.")
     return prompt_format
 
 
@@ -164,7 +181,8 @@ def catalog_from_env() -> list[ModelSpec]:
     if repo := os.environ.get("MODEL_REPO", "").strip():
         files = _env_list("MODEL_FILES")
         if not files:
-            raise ConfigError("MODEL_REPO is set but MODEL_FILES is empty: name the .gguf files to serve, comma-separated.")
+            raise ConfigError("MODEL_REPO is set but MODEL_FILES is empty: name the .gguf files to serve, "
+                              "comma-separated.")
         revision = os.environ.get("MODEL_REVISION", "").strip() or None
         return [ModelSpec(f"{repo.split('/')[-1]}/{f}", f, repo, revision, prompt_format) for f in files]
     return CATALOG
@@ -183,6 +201,13 @@ NOTICE, WAITING = "⚠️ ", "⏳ "
 def stats_line(done: Done) -> str:
     return (f"\n\n<sub>{done.generated} tokens · {done.tokens_per_s:.1f} tokens/s · prompt {done.evaluated} of "
             f"{done.prompt_tokens} tokens evaluated</sub>")
+
+
+def reading_line(reading: Reading) -> str:
+    """Progress while a long prompt is read; the answer replaces it. A status line like the waiting line's (WAITING)."""
+    left = f" · about {math.ceil(reading.seconds_left)} s left" if reading.seconds_left is not None else ""
+    return (f"{WAITING}Reading the conversation: {100 * reading.done // reading.total}% of {reading.total} tokens"
+            f"{left}")
 
 
 def clamp_number(name: str, value) -> float:
@@ -262,6 +287,8 @@ def respond(message, history, model_label, system_message, max_tokens, temperatu
                            pace=STREAM_EVERY):
             if isinstance(item, Done):
                 yield text + stats_line(item)
+            elif isinstance(item, Reading):
+                yield reading_line(item)
             else:
                 text = item
                 yield text
@@ -315,11 +342,29 @@ def record_feedback(data: gr.LikeData, history, model, system, max_tokens, tempe
     index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
     settings = {"model": text_of(model), "system": text_of(system), "max_tokens": max_tokens,
                 "temperature": temperature, "top_p": top_p, "top_k": top_k, "repeat_penalty": repeat_penalty}
-    history = [{"role": m.get("role"), "content": text_of(m.get("content"))} for m in history or [] if isinstance(m, dict)]
+    history = [{"role": m.get("role"), "content": text_of(m.get("content"))}
+               for m in history or [] if isinstance(m, dict)]
     FEEDBACK.record(bool(data.liked), int(index), history, settings)
 
 
-def build_ui(labels: list[str]) -> gr.Blocks:
+def saved_chats_key(secret: str = "") -> str:
+    """The key Gradio encrypts the chats it saves in the browser with. Gradio draws a new one in every process, so after
+    a restart (every rebuild, every sleep) visitors' saved chats could no longer be read. This one stays: the
+    SAVED_CHATS_SECRET setting, else derived from the Space's id (SPACE_ID, set on every Space) or, elsewhere, from
+    this machine and folder. Not a password: Gradio sends it to the page, as it does its own."""
+    if secret:
+        return secret
+    origin = os.environ.get("SPACE_ID", "").strip()
+    if not origin:
+        try:
+            machine = Path("/etc/machine-id").read_text().strip()
+        except OSError:
+            machine = ""
+        origin = f"{machine or socket.gethostname()}:{Path(__file__).resolve().parent}"
+    return hashlib.sha256(f"saved chats of {origin}".encode()).hexdigest()[:32]
+
+
+def build_ui(labels: list[str], saved_chats_secret: str = "") -> gr.Blocks:
     slider = {name: dict(minimum=low, maximum=high, value=default) for name, (low, high, default) in LIMITS.items()}
     dropdown = lenient(gr.Dropdown(labels, value=labels[0], label="Model"))
     inputs = [
@@ -335,7 +380,7 @@ def build_ui(labels: list[str]) -> gr.Blocks:
                          feedback_options=("Like", "Dislike"))
     with gr.Blocks(title="OpenAssistant chat · llama.cpp") as demo:
         info = gr.Markdown(describe(labels[0]))
-        gr.ChatInterface(
+        chat = gr.ChatInterface(
             respond,
             chatbot=chatbot,
             additional_inputs=inputs,
@@ -346,6 +391,7 @@ def build_ui(labels: list[str]) -> gr.Blocks:
             save_history=True,  # past chats in the browser's local storage, listed beside the chat
             editable=True,  # edit a message to regenerate from it; its unchanged prefix still comes from the cache
         )
+        chat.saved_conversations.secret = saved_chats_key(saved_chats_secret)
         dropdown.change(describe, dropdown, info, api_visibility="undocumented")
         chatbot.like(record_feedback, [chatbot, *inputs], None, api_visibility="undocumented")
     return demo
@@ -362,9 +408,10 @@ def serving_line(store: ModelStore, settings: Settings, cpu: CpuBackend) -> str:
 
     files = ", ".join(f"{p.name} ({human_size(p.stat().st_size)})" for p in store.paths.values())
     kv = store.current.engine.kv_bytes if store.current else 0
-    return (f"serving: llama.cpp CPU backend {cpu.name} · {settings.n_threads} decode / {settings.n_threads_batch} prompt "
-            f"threads · {files} · context {settings.n_ctx} tokens per chat × {store.line.capacity} parallel chats · "
-            f"KV cache {human_size(kv)} ({settings.kv_type})")
+    return (f"serving: llama.cpp CPU backend {cpu.name} · {settings.n_threads} decode / {settings.n_threads_batch} "
+            f"prompt threads · {files} · context {settings.n_ctx} tokens per chat × {store.line.capacity} parallel chats · "
+            f"KV cache {human_size(kv)} ({settings.kv_type}) · finished chats kept in up to {settings.cache_mb} MiB of "
+            f"RAM · context shift {'on' if settings.context_shift else 'off'}")
 
 
 def feedback_from_env(settings: Settings) -> Feedback:
@@ -443,7 +490,7 @@ def main() -> None:
     except ConfigError as err:
         sys.exit(f"error: {err}")
     FEEDBACK = feedback_from_env(settings)
-    demo = build_ui(STORE.labels)
+    demo = build_ui(STORE.labels, settings.saved_chats_secret)
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
     demo.queue(max_size=4 * (settings.queue_size + STORE.line.capacity) + 16)
     quiet_queue(demo._queue)

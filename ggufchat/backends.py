@@ -34,6 +34,8 @@ class EngineSettings:
     n_batch: int = 512
     kv_type: str = "f16"
     prefill_chunk: int = 64  # prompt tokens per step while other chats are answering
+    cache_mb: int = 4096  # host RAM for finished chats' cells (MiB; 0: off)
+    context_shift: bool = True  # a long chat's dropped turns are cut out of its cells instead of re-reading the rest
     verify_sha256: bool = True
     seed: int = -1  # sampling seed of every answer; -1: a fresh one each time
 
@@ -64,6 +66,21 @@ class Done:
     @property
     def generated(self) -> int:
         return len(self.tokens)
+
+
+@dataclass
+class Reading:
+    """The prompt is still being read: `done` of `total` tokens, about `seconds_left` to go (None: no estimate)."""
+
+    done: int
+    total: int
+    seconds_left: float | None
+
+
+# Progress is shown only for a prompt that takes longer than this to read (at this process's measured prompt speed):
+# below it, the first words come before a visitor wonders.
+READING_NOTICE_S = 2.0
+HEARTBEAT_S = 1.0  # while a prompt is read, the answer's stream wakes this often to report progress
 
 
 @functools.cache
@@ -105,10 +122,25 @@ def _provider_class():
             self.request = Request(self.model.tokenize(prompt), settings.max_tokens, sampling,
                                    stop=settings.get_additional_stop_sequences())
             self.model.engine.submit(self.request)
-            chunks = ({"choices": [{"text": text}]} for text in self.request.stream(self.pace))
+            chunks = ({"choices": [{"text": text}]} for text in self.request.stream(self.pace, HEARTBEAT_S))
             if settings.stream:
                 return chunks
             return {"choices": [{"text": "".join(c["choices"][0]["text"] for c in chunks)}]}
+
+        def reading(self) -> Reading | None:
+            """How far the prompt is read, if it is still being read and reading it all takes long enough to say so.
+            Between two steps of a long batch, `done` is extrapolated at the measured prompt speed."""
+            request, speed = self.request, self.model.engine.prompt_tps
+            if request is None or not request.stats.to_evaluate or request.stats.first_token_at is not None:
+                return None
+            stats, total = request.stats, request.stats.to_evaluate
+            if speed is None:
+                return Reading(stats.evaluated, total, None) if total >= 256 else None
+            if total / speed < READING_NOTICE_S:
+                return None
+            done = stats.evaluated + speed * (time.perf_counter() - (stats.read_at or time.perf_counter()))
+            done = int(min(max(done, stats.evaluated), total - 1))
+            return Reading(done, total, (total - done) / speed)
 
         def finish(self) -> Done | None:
             """End the answer if it still runs (Stop or a disconnect closed us: the engine ends it at its next step)
@@ -129,7 +161,8 @@ def make_provider(model: LoadedModel, pace: float = 0.0):
 
 def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_tokens: int, sampling: dict,
            seed: int, n_ctx: int, pace: float = 0.0):
-    """One chat turn through LlamaCppAgent: yields the answer so far (a str) as it grows, then a Done.
+    """One chat turn through LlamaCppAgent: yields the answer so far (a str) as it grows, then a Done. Before the first
+    words of an answer whose prompt takes a while to read, it yields Reading progress (about once a second).
 
     Raises BadRequest for a message that cannot fit, EngineError for an answer the engine had to end."""
     from llama_cpp_agent import LlamaCppAgent
@@ -149,7 +182,8 @@ def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_
     )
     settings = provider.get_provider_default_settings()
     settings.stream, settings.seed = True, seed
-    # The two providers' settings name the answer's length differently (llama-cpp-python: max_tokens; server: n_predict).
+    # The two providers' settings name the answer's length differently (llama-cpp-python: max_tokens; server:
+    # n_predict).
     setattr(settings, "n_predict" if hasattr(settings, "n_predict") else "max_tokens", budget)
     for key, value in sampling.items():
         setattr(settings, key, value)
@@ -158,8 +192,11 @@ def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_
     text, finished = "", False
     try:
         for piece in stream:
-            text += piece
-            yield text
+            if piece:
+                text += piece
+                yield text
+            elif not text and (reading := provider.reading()) is not None:  # a heartbeat while the prompt is read
+                yield reading
         finished = True
     finally:
         stream.close()
@@ -267,7 +304,8 @@ class ModelStore(Store):
         s = self.settings
         start = time.perf_counter()
         engine = Engine(path, n_ctx=s.n_ctx, parallel=s.parallel, n_batch=s.n_batch, n_threads=s.n_threads,
-                        n_threads_batch=s.n_threads_batch, kv_type=s.kv_type, prefill_chunk=s.prefill_chunk).start()
+                        n_threads_batch=s.n_threads_batch, kv_type=s.kv_type, prefill_chunk=s.prefill_chunk,
+                        cache_bytes=s.cache_mb << 20, shift=s.context_shift).start()
         seconds = time.perf_counter() - start
         name = spec.prompt_format
         try:

@@ -14,13 +14,15 @@ Phi-3.5-mini shape Q4_K_M, one chat decoded at 0.52 tokens/s beside 5,800 cells 
 8 with the cache empty.) A chat ends at the end of its stream; should llama.cpp still find no room, the newest chat
 in the step ends with a notice: `llama_decode` never fails in a visitor's face.
 
-Prefix reuse: a slot keeps the cells of its last chat when that chat ends, and a chat's next turn (or the same
-request again) takes the slot that holds its prompt's beginning. Any other chat takes an empty slot if there is one,
-else one holding a finished chat; among those, first one that keeps the running chats' sequence ids consecutive
-(llama.cpp makes a pass over the weights per run of consecutive ids in a step: see runs()), then the least recently
-used. When another slot shares a long enough beginning with it (a long system prompt), it copies that stream
-(`llama_memory_seq_cp` across streams copies the whole buffer) and keeps the shared part. A stopped chat's cells
-are freed at once.
+Prefix reuse (the decisions are reuse.py's): a slot keeps the cells of its last chat when that chat ends, and a
+chat's next turn (or the same request again) takes the slot that holds its prompt's beginning, also when its oldest
+turns were dropped to fit the window: those are cut out of its cells and the rest shifted down (`shift`). Any other
+chat takes an empty slot if there is one, else one holding a finished chat, whose cells then go to host RAM
+(`cache_bytes`, least recently used out first) so that it reads nothing again when it comes back; among those
+slots, first one that keeps the running chats' sequence ids consecutive (llama.cpp makes a pass over the weights per
+run of consecutive ids in a step: see runs()), then the least recently used. The prompt's beginning is then taken
+from wherever most of it is: host RAM (this chat, back), or another slot sharing a long enough beginning (a long
+system prompt: `llama_memory_seq_cp` across streams copies the whole buffer). A stopped chat's cells are freed at once.
 
 The engine knows token ids and sampling, never prompt formats: see prompt.py for those, and backends.py for the
 glue. What a caller submits and reads back is a Request (request.py); LLAMA_THREAD (llama_thread.py) steps the engine.
@@ -38,6 +40,7 @@ from pathlib import Path
 from .errors import Busy, ConfigError
 from .llama_thread import LLAMA_THREAD, quiet_llama_log
 from .request import _END, PENALTY_LAST_N, Request, Sampling
+from .reuse import HostCache, Saved, common_prefix, dropped_span, runs
 
 KV_TYPES = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}  # name -> (ggml type, bytes per element)
 # Copying another chat's stream to reuse the beginning of a prompt copies the whole stream (n_ctx cells): worth it
@@ -50,6 +53,13 @@ COPY_MIN_TOKENS = 16
 # Phi-3.5-mini shape (2 cores), their first tokens spread from 4.1 to 5.9 s; gathered, all four came at once. A lone
 # visitor pays GATHER_S once, against seconds of prompt.
 GATHER_S, GATHER_MAX_S = 0.03, 0.25
+# A chat whose oldest turns were dropped to fit its window keeps the rest of its cells, shifted down, when at least
+# this many remain (fewer: just read them again).
+SHIFT_MIN_TOKENS = 32
+# A slot's finished chat goes to host RAM before another chat takes the slot when at least this many of its cells would
+# otherwise be lost: the same bar as for restoring them (copying a stream costs ~0.1 s per 300 MB on these cores).
+SAVE_MIN_TOKENS = COPY_MIN_TOKENS
+PROMPT_SPEED_MIN_TOKENS = 16  # steps with fewer prompt tokens say little about the prompt speed
 
 
 @dataclass
@@ -66,24 +76,6 @@ class Slot:
     admitted: int = 0  # admission order, for chunked prefill first come first served
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def runs(seqs: set[int]) -> int:
-    """How many runs of consecutive ids `seqs` make: how many passes over the weights llama.cpp makes for one step
-    of chats in those sequences. With a KV stream per sequence, llama.cpp cuts each `llama_decode` into micro-batches
-    of consecutive sequence ids (llama_batch_allocr::split_equal with `sequential`), so four chats in sequences 0, 1, 6
-    and 7 cost two passes a step. Measured 2026-12-01 on 2 cores, Phi-3.5-mini shape Q4_K_M, four chats of 64 tokens
-    (4 interleaved rounds): in sequences 1-4, 13.8 tokens/s; in two or three runs (0, 1, 4, 7 or 0, 3, 4, 7), where
-    the empty-or-least-recently-used choice alone put them, 10.0."""
-    return sum(1 for seq in seqs if seq - 1 not in seqs)
-
-
 def kv_bytes_per_token(model, kv_type: str) -> int:
     """K and V of one token in every layer (llama_model pointer)."""
     import llama_cpp
@@ -97,7 +89,8 @@ class Engine:
     """One model, one context, `parallel` slots; stepped by LLAMA_THREAD."""
 
     def __init__(self, path: str | Path, *, n_ctx: int, parallel: int = 4, n_batch: int = 512, n_threads: int = 1,
-                 n_threads_batch: int = 1, kv_type: str = "f16", prefill_chunk: int = 64, kv_cells: int | None = None):
+                 n_threads_batch: int = 1, kv_type: str = "f16", prefill_chunk: int = 64, kv_cells: int | None = None,
+                 cache_bytes: int = 0, shift: bool = True):
         if kv_type not in KV_TYPES:
             raise ConfigError(f"KV_CACHE_TYPE={kv_type!r} is unknown; use one of {', '.join(KV_TYPES)}.")
         self.path = Path(path)
@@ -107,10 +100,14 @@ class Engine:
         self.kv_cells = kv_cells or n_ctx * parallel  # each chat may fill its n_ctx while all others do too
         self.ctx_per_chat = min(n_ctx, self.kv_cells // parallel)  # one stream's cells
         self.slots = [Slot(seq) for seq in range(parallel)]
+        self.host = HostCache(cache_bytes)  # finished chats' cells, evicted from their slots
+        self.shift = shift
+        self.prompt_tps: float | None = None  # prompt tokens per second, as measured in this process (for progress)
         self.waiting: list[Request] = []  # submitted, not yet in a slot
         self.incoming: list[Request] = []
         self.admissions = 0
         self.steps = 0  # llama_decode calls, for tests and benchmarks
+        self.saves = self.restores = self.shifts = 0  # chats' cells to host RAM and back; cuts of dropped turns
         self.trace: deque[tuple[int, int]] = deque(maxlen=4096)  # (tokens answering, prompt tokens) of recent steps
         # Text and ends for the chats' streams, handed over just before the next llama_decode: see _hand_over.
         self.outbox: list[tuple[Request, object]] = []
@@ -257,30 +254,83 @@ class Engine:
         # takes the cells its prompt already has: nothing of anyone else's is lost, and the prompt's last token is
         # computed as it was the first time (so a fixed seed gives the same answer). Any other chat takes an empty slot
         # or else one whose chat has ended, next to the running chats if it can (see runs()) and else the least
-        # recently used, and copies what it shares with any slot (the system prompt).
-        continuing = [s for s in idle if s.cells and common_prefix(s.cells, ids) in (len(s.cells), len(ids))]
+        # recently used; that chat's cells go to host RAM first.
+        continuing = {s.seq: n for s in idle if s.cells and (n := self._continues(s, ids))}
         if continuing:
-            slot = max(continuing, key=lambda s: len(s.cells))
+            slot = max(idle, key=lambda s: continuing.get(s.seq, 0))
         else:
             running = {s.seq for s in self.slots if s.request is not None}
             slot = min(idle, key=lambda s: (bool(s.cells), runs(running | {s.seq}), s.used_at))
         keep = common_prefix(slot.cells, ids)
-        donor = max(self.slots, key=lambda s: common_prefix(s.cells, ids))
-        if donor is not slot and common_prefix(donor.cells, ids) - keep >= COPY_MIN_TOKENS:
-            # Across streams llama.cpp copies the donor's whole stream; the part past the shared prefix goes below.
-            keep = common_prefix(donor.cells, ids)
-            llama_cpp.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, -1, -1)
-            slot.cells = list(donor.cells)
+        if slot.seq not in continuing and keep < len(ids) and len(slot.cells) - keep >= SAVE_MIN_TOKENS:
+            self._save(slot)
+        # The prompt's beginning may be longer elsewhere: in another slot (a shared system prompt; across streams
+        # llama.cpp copies the donor's whole stream, the part past the shared prefix goes below) or in host RAM (this
+        # chat's own cells, evicted while it was away).
+        donor = max(self.slots, key=lambda s: common_prefix(s.cells, ids) if s is not slot else -1)
+        saved, from_host = self.host.best(ids)
+        from_donor = common_prefix(donor.cells, ids) if donor is not slot else 0
+        if max(from_host, from_donor) - continuing.get(slot.seq, keep) >= COPY_MIN_TOKENS:
+            if from_host >= from_donor:
+                self._restore(slot, self.host.take(saved))
+            else:
+                llama_cpp.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, -1, -1)
+                slot.cells = list(donor.cells)
+            keep = common_prefix(slot.cells, ids)
+        # A long chat whose oldest turns were dropped to fit the window: cut them out of its cells and shift the rest
+        # down, instead of reading the whole kept history again. Not bit-exact (the kept cells were computed while the
+        # dropped turns were there to attend to; README "Long chats" has the measured cost), so it can be turned off.
+        if self.shift and keep < len(slot.cells) and (cut := dropped_span(slot.cells, ids, keep, SHIFT_MIN_TOKENS)):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, keep, cut)
+            llama_cpp.llama_memory_seq_add(self.mem, slot.seq, cut, -1, keep - cut)
+            slot.cells = slot.cells[:keep] + slot.cells[cut:]
+            keep = common_prefix(slot.cells, ids)
+            self.shifts += 1
         keep = min(keep, len(ids) - 1)  # the last prompt token is always evaluated: its logits start the answer
         if keep < len(slot.cells) and not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
             keep = 0
         slot.cells = slot.cells[:keep]
         slot.request, slot.todo, slot.next_token, slot.held = request, ids[keep:], None, ""
+        request.stats.to_evaluate, request.stats.read_at = len(slot.todo), time.perf_counter()
         slot.chain = self._sampler(request.sampling)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.admissions += 1
         slot.admitted = self.admissions
+
+    def _continues(self, slot: Slot, ids: list[int]) -> int:
+        """How much of the prompt `slot`'s cells give if they hold this very chat (its last turn, or the same prompt
+        again, or its history with the oldest turns dropped); 0 if they hold another chat's."""
+        keep = common_prefix(slot.cells, ids)
+        if keep in (len(slot.cells), len(ids)):
+            return keep
+        cut = dropped_span(slot.cells, ids, keep, SHIFT_MIN_TOKENS) if self.shift else None
+        return keep + len(slot.cells) - cut if cut else 0
+
+    def _save(self, slot: Slot) -> None:
+        """Copy a slot's cells (a finished chat) to host RAM, if the budget holds them."""
+        import ctypes
+
+        import llama_cpp
+
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq)
+        if not self.host.fits(size):
+            return
+        state = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx, state, size, slot.seq) == size:
+            self.host.put(Saved(tuple(slot.cells), state, size))
+            self.saves += 1
+
+    def _restore(self, slot: Slot, saved: Saved) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, saved.state, saved.size, slot.seq) == saved.size:
+            slot.cells = list(saved.cells)
+            self.restores += 1
+        else:  # cannot happen with the same context; if it does, the prompt is simply read
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            slot.cells = []
 
     def _sampler(self, s: Sampling):
         """llama-cpp-python's chain, in its order: (logit bias,) penalties, top-k, typical, top-p, min-p, temperature,
@@ -345,9 +395,14 @@ class Engine:
             write(*entry)
         batch.n_tokens = n
         self._hand_over()
+        start = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, batch)
+        now = time.perf_counter()
         self.steps += 1
         answering = sum(1 for slot, _, _ in evaluated if slot.next_token is not None)
+        if rc == 0 and n - answering >= PROMPT_SPEED_MIN_TOKENS:
+            rate = (n - answering) / max(now - start, 1e-6)
+            self.prompt_tps = rate if self.prompt_tps is None else 0.7 * self.prompt_tps + 0.3 * rate
         self.trace.append((answering, n - answering))
         if rc != 0:
             for slot, _, _ in evaluated:  # whatever part of the batch did land is not ours to keep
@@ -361,6 +416,7 @@ class Engine:
             else:
                 del slot.todo[: len(tokens)]
                 slot.request.stats.evaluated += len(tokens)
+                slot.request.stats.read_at = now
                 if not slot.todo and slot.request.max_tokens == 0:
                     self._finish(slot, "length")
         for row, slot in rows.items():

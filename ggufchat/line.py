@@ -10,7 +10,7 @@ from .errors import Busy
 
 
 class WaitingLine:
-    """First come, first served seats at the engine: `capacity` chats answered at once, up to `max_waiting` more in line.
+    """First come, first served seats at the engine: `capacity` chats answered at once, `max_waiting` more in line.
 
     Gradio's own queue would also hold requests back, but when full it answers with an error; here a request that
     finds the line full gets a plain "try again" reply, and waiters see their place. A seat is also tied to a key

@@ -113,7 +113,9 @@ def make_messages_formatter(fmt: PromptFormat):
         default_stop_sequences=list(fmt.stop),
         strip_prompt=False,  # True would also strip the "\n" after the answer's role marker
         bos_token="",
-        eos_token="",
+        # The agent drops streamed chunks equal to this. The engine streams no end-of-generation text, so nothing needs
+        # dropping; it must not be "": an empty chunk is the stream's heartbeat while a long prompt is read.
+        eos_token="\ufffe",
     )
 
 

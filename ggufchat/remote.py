@@ -234,6 +234,9 @@ def _provider_class():
             if pending:
                 yield pending
 
+        def reading(self):
+            return None  # the server reads the prompt; its progress is not asked for
+
         def finish(self) -> Done | None:
             if self.response is None:
                 return None

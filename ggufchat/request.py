@@ -35,6 +35,8 @@ class Sampling:
 class Stats:
     prompt_tokens: int
     evaluated: int = 0  # prompt tokens llama.cpp computed for this answer; the others came from the cache
+    to_evaluate: int = 0  # prompt tokens it had to compute when it got its seat (0 until then)
+    read_at: float | None = None  # when `evaluated` last grew (or the seat was taken): progress is estimated from it
     generated: list[int] = field(default_factory=list)  # every sampled token but an end-of-generation one
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -79,13 +81,19 @@ class Request:
             if self.engine is not None:
                 self.engine.wake()
 
-    def stream(self, pace: float = 0.0):
+    def stream(self, pace: float = 0.0, heartbeat: float | None = None):
         """Yield the answer's text as it comes: everything decoded since the previous yield. With `pace`, wait that
         long after each yield (the engine decodes on meanwhile) so that a slow consumer gets few, larger updates.
-        Closing the generator cancels the answer; an answer the engine had to end raises EngineError."""
+        With `heartbeat`, yield "" after that many seconds without text, so that the consumer can show progress while
+        the prompt is read. Closing the generator cancels the answer; an answer the engine had to end raises
+        EngineError."""
         try:
             while True:
-                items = [self.events.get()]
+                try:
+                    items = [self.events.get(timeout=heartbeat)]
+                except queue.Empty:
+                    yield ""
+                    continue
                 while True:
                     try:
                         items.append(self.events.get_nowait())

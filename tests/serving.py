@@ -40,8 +40,9 @@ class AppServer:
 
 @contextmanager
 def app_server(tmp_path: Path, env: dict[str, str], timeout: float = 300):
-    """Yield an AppServer once it answers HTTP; stop it afterwards. `env` adds to a clean offline environment."""
-    port = free_port()
+    """Yield an AppServer once it answers HTTP; stop it afterwards. `env` adds to a clean offline environment (a
+    GRADIO_SERVER_PORT there keeps the address, e.g. to restart the same Space)."""
+    port = int(env.get("GRADIO_SERVER_PORT") or free_port())
     log = tmp_path / f"app-{port}.log"
     full_env = {
         **os.environ,

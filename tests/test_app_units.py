@@ -230,7 +230,8 @@ def test_the_waiting_line_hands_the_turn_on_when_its_holder_leaves():
 # --- Settings ---------------------------------------------------------------------------------------------------------
 
 SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN",
-                 "PARALLEL", "KV_CACHE_TYPE", "PREFILL_CHUNK", "BACKEND_URL", "BACKEND_API_KEY", "BACKEND_WAIT")
+                 "PARALLEL", "KV_CACHE_TYPE", "PREFILL_CHUNK", "BACKEND_URL", "BACKEND_API_KEY", "BACKEND_WAIT",
+                 "CACHE_RAM_MB", "CONTEXT_SHIFT", "SAVED_CHATS_SECRET")
 
 
 def test_settings_defaults_are_readmes(monkeypatch):
@@ -242,7 +243,8 @@ def test_settings_defaults_are_readmes(monkeypatch):
     assert app.Settings.from_env() == app.Settings(n_ctx=4096, n_threads=cpus, n_threads_batch=cpus, n_batch=512,
                                                    queue_size=16, seed=-1, verify_sha256=True, hf_token=None,
                                                    parallel=None, kv_type="f16", prefill_chunk=64,
-                                                   backend_url=None, backend_api_key=None, backend_wait=120)
+                                                   backend_url=None, backend_api_key=None, backend_wait=120,
+                                                   cache_mb=4096, context_shift=True, saved_chats_secret="")
     assert app.Settings.from_env().engine().parallel == 4  # PARALLEL unset: 4 in process (remotely: the server's)
 
 
@@ -250,25 +252,41 @@ def test_settings_are_read_from_the_environment(monkeypatch):
     values = {"N_CTX": "1024", "N_THREADS": "3", "N_THREADS_BATCH": "5", "N_BATCH": "64", "QUEUE_SIZE": "2",
               "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "q8_0",
               "PREFILL_CHUNK": "32", "BACKEND_URL": "http://10.0.0.5:8080", "BACKEND_API_KEY": "sk-example",
-              "BACKEND_WAIT": "5"}
+              "BACKEND_WAIT": "5", "CACHE_RAM_MB": "512", "CONTEXT_SHIFT": "0", "SAVED_CHATS_SECRET": "s3cret"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     assert app.Settings.from_env() == app.Settings(n_ctx=1024, n_threads=3, n_threads_batch=5, n_batch=64,
                                                    queue_size=2, seed=7, verify_sha256=False, hf_token="hf_example",
                                                    parallel=2, kv_type="q8_0", prefill_chunk=32,
                                                    backend_url="http://10.0.0.5:8080", backend_api_key="sk-example",
-                                                   backend_wait=5)
+                                                   backend_wait=5, cache_mb=512, context_shift=False,
+                                                   saved_chats_secret="s3cret")
 
 
 def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
-    """N_CTX, PARALLEL, N_THREADS, N_THREADS_BATCH, N_BATCH and KV_CACHE_TYPE reach the engine."""
+    """N_CTX, PARALLEL, N_THREADS, N_THREADS_BATCH, N_BATCH, KV_CACHE_TYPE, CACHE_RAM_MB and CONTEXT_SHIFT reach the
+    engine."""
     settings = app.Settings(n_ctx=768, n_threads=1, n_threads_batch=2, n_batch=96, queue_size=1, seed=3,
-                            verify_sha256=True, hf_token=None, parallel=2, kv_type="q8_0", prefill_chunk=32)
+                            verify_sha256=True, hf_token=None, parallel=2, kv_type="q8_0", prefill_chunk=32,
+                            cache_mb=3, context_shift=False)
     store = app.ModelStore([app.ModelSpec("m", str(smollm2_gguf))], {"m": smollm2_gguf}, settings.engine(),
                            queue_size=settings.queue_size)
     try:
         engine = store.get("m").engine
         assert (engine.n_ctx, engine.parallel, engine.n_threads, engine.n_threads_batch, engine.n_batch,
-                engine.kv_type, engine.prefill_chunk) == (768, 2, 1, 2, 96, "q8_0", 32)
+                engine.kv_type, engine.prefill_chunk, engine.host.budget, engine.shift) == (768, 2, 1, 2, 96, "q8_0",
+                                                                                            32, 3 << 20, False)
     finally:
         store.unload()
+
+
+def test_the_saved_chats_key_is_stable_and_set_by_the_operator_or_the_space(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    here = app.saved_chats_key()
+    assert here == app.saved_chats_key() and len(here) == 32  # the same in every process of this folder and machine
+    assert app.saved_chats_key("mine") == "mine"
+    monkeypatch.setenv("SPACE_ID", "someone/chat")
+    space = app.saved_chats_key()
+    assert space != here and space == app.saved_chats_key()
+    monkeypatch.setenv("SPACE_ID", "someone/other-chat")
+    assert app.saved_chats_key() != space  # each Space its own

@@ -13,7 +13,8 @@ import threading
 import pytest
 
 import app
-from ggufchat.engine import COPY_MIN_TOKENS, Engine, common_prefix
+from ggufchat.engine import COPY_MIN_TOKENS, Engine
+from ggufchat.reuse import common_prefix
 from ggufchat.request import EngineError, Request, Sampling
 from ggufchat.line import WaitingLine
 from ggufchat.errors import Busy

@@ -100,5 +100,5 @@ def judge(judge_model: str, prompts: list[str], base: list[str], finetuned: list
         verdicts.append({"base_first": v1, "finetuned_first": v2, "raw": [t1, t2]})
         outcomes.append(outcome(v1, v2))
         log(f"[evaluate] judge {i + 1}/{len(prompts)}: base-first {v1}, fine-tune-first {v2}")
-    del model
+    model = None  # the judge's weights go now, not at the next stage
     return {"judge_model": judge_model, **win_tie_loss(outcomes, seed=seed), "verdicts": verdicts}
