@@ -1,17 +1,20 @@
-"""Chat with Phi-3.5-mini fine-tuned on OpenAssistant (oasst1), served from GGUF files on a CPU Space.
+"""A chat Space for OpenAssistant-tuned models served from GGUF files on CPU with llama.cpp. By default it serves the
+seed project's Phi-3-mini fine-tunes (S29, trained on openassistant-guanaco); `build/run.py` makes this project's own
+Phi-3.5-mini + oasst1 build, which MODEL_REPO and MODEL_FILES point it to.
 
     pip install -r requirements.txt && python app.py             # the Hub models in CATALOG
     MODEL_PATH=/path/to/model.Q4_K_M.gguf python app.py           # a local file, no download
     BACKEND_URL=http://127.0.0.1:8080 python app.py               # chats served by llama.cpp's llama-server
 
 Every setting is an environment variable; README.md lists them all. The file reads top to bottom:
-settings -> catalog -> respond -> UI -> main. The serving engine (prompt formats, model files, the scheduler that
-decodes several chats at once, the CPU-variant loader, the llama-server client) is the `ggufchat` package beside
-this file.
+settings -> catalog -> respond -> UI -> main. A chat turn goes to the model store (`store.turn`, ggufchat/turns.py),
+which seats it and answers; the serving engine (prompt formats, model files, the scheduler that decodes several
+chats at once, the CPU-variant loader, the llama-server client) is the `ggufchat` package beside this file.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -23,25 +26,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from ggufchat.backends import Done, EngineSettings, ModelStore, Reading, answer
-from ggufchat.remote import RemoteStore, Server
 from ggufchat.cpu_backend import CpuBackend, load_cpu_backend
-from ggufchat.engine import KV_TYPES
-from ggufchat.request import EngineError
-from ggufchat.line import WaitingLine  # noqa: F401 - tests use it from here
-from ggufchat.errors import BadRequest, Busy, ConfigError
+from ggufchat.engine import KV_TYPES, EngineSettings
+from ggufchat.errors import BadRequest, Busy, ConfigError, EngineError
 from ggufchat.feedback import Feedback
-from ggufchat.files import ModelSpec, fetch_model_files
-from ggufchat.prompt import (  # noqa: F401 - the tests reach the prompt machinery through app
-    CLOSE,
-    OPEN,
-    PROMPT_FORMATS,
-    PromptTokenizer,
-    Vocab,
-    detect_prompt_format,
-    fit_history,
-    make_messages_formatter,
-)
+from ggufchat.files import ModelSpec, fetch_model_files, human_size
+from ggufchat.local import ModelStore
+from ggufchat.prompt import PROMPT_FORMATS
+from ggufchat.remote import RemoteStore, Server
+from ggufchat.turns import Done, Reading, Store, Waiting
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -80,66 +73,54 @@ def _cpu_count() -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    n_ctx: int  # context window per chat in tokens: prompt + answer must fit
-    n_threads: int  # decode threads
-    n_threads_batch: int  # prompt-processing threads
-    n_batch: int
-    queue_size: int  # chats waiting for a seat beyond this are told to retry
-    seed: int  # -1: a fresh seed per answer
-    verify_sha256: bool  # hash downloaded files against the Hub's LFS sha256 before loading
-    hf_token: str | None
-    parallel: int | None = None  # chats answered at once (None: DEFAULT_PARALLEL here, the server's slots remotely)
-    kv_type: str = "f16"
-    prefill_chunk: int = 64
+    engine: EngineSettings  # context, parallel chats, threads, batch, KV type, prefill chunk, host cache, context shift
+    queue_size: int = 16  # chats waiting for a seat beyond this are told to retry
+    seed: int = -1  # -1: a fresh seed per answer
+    verify_sha256: bool = True  # hash downloaded files against the Hub's LFS sha256 before loading
+    hf_token: str | None = None
+    parallel: int | None = None  # PARALLEL as set (None: the engine's default here, the server's slots remotely)
     backend_url: str | None = None  # a llama-server serves the chats; no model is loaded here
     backend_api_key: str | None = None
     backend_wait: int = 120  # seconds start-up waits for the server's /health (it may still be loading its model)
-    cache_mb: int = 4096  # host RAM for finished chats' cells, so that a returning chat is not read again (MiB)
-    context_shift: bool = True  # a long chat's dropped turns are cut out of its cells (see README "Long chats")
     saved_chats_secret: str = ""  # the key of the chats Gradio saves in the browser ("": derived, see saved_chats_key)
 
     @classmethod
     def from_env(cls) -> Settings:
         cpus = _cpu_count()
-        kv_type = os.environ.get("KV_CACHE_TYPE", "f16").strip().lower() or "f16"
+        default = EngineSettings()
+        kv_type = os.environ.get("KV_CACHE_TYPE", "").strip().lower() or default.kv_type
         if kv_type not in KV_TYPES:
             raise ConfigError(f"KV_CACHE_TYPE={kv_type!r} is unknown; use one of {', '.join(KV_TYPES)}.")
-        return cls(
-            n_ctx=_env_int("N_CTX", 4096, minimum=256),
-            # Measured 2026-11-29 on 2 cores with a Phi-3.5-mini-shaped Q4_K_M: 2 decode threads give 15.5 tokens/s,
-            # 1 thread 9.9. Only if something else keeps a core busy does 1 thread win (10.1 vs 4.7): set
-            # N_THREADS=1 on a shared machine.
+        parallel = _env_int("PARALLEL", 0) or None
+        engine = EngineSettings(
+            n_ctx=_env_int("N_CTX", default.n_ctx, minimum=256),
+            parallel=parallel or default.parallel,
+            # Every core: measured 2026-11-29 on 2 cores with a Phi-3.5-mini-shaped Q4_K_M, 2 decode threads give
+            # 15.5 tokens/s, 1 thread 9.9. Only if something else keeps a core busy does 1 thread win (10.1 vs 4.7):
+            # set N_THREADS=1 on a shared machine.
             n_threads=_env_int("N_THREADS", cpus),
             n_threads_batch=_env_int("N_THREADS_BATCH", cpus),
-            n_batch=_env_int("N_BATCH", 512),
-            queue_size=_env_int("QUEUE_SIZE", 16),
-            seed=_env_int("SEED", -1, minimum=-1),
-            verify_sha256=_env_bool("VERIFY_SHA256", True),
-            hf_token=os.environ.get("HF_TOKEN") or None,  # only when set: anonymous downloads otherwise
-            parallel=_env_int("PARALLEL", 0) or None,
+            n_batch=_env_int("N_BATCH", default.n_batch),
             kv_type=kv_type,
-            prefill_chunk=_env_int("PREFILL_CHUNK", 64),
+            prefill_chunk=_env_int("PREFILL_CHUNK", default.prefill_chunk),
+            cache_mb=_env_int("CACHE_RAM_MB", default.cache_mb, minimum=0),
+            context_shift=_env_bool("CONTEXT_SHIFT", default.context_shift),
+        )
+        return cls(
+            engine=engine,
+            queue_size=_env_int("QUEUE_SIZE", cls.queue_size),
+            seed=_env_int("SEED", cls.seed, minimum=-1),
+            verify_sha256=_env_bool("VERIFY_SHA256", cls.verify_sha256),
+            hf_token=os.environ.get("HF_TOKEN") or None,  # only when set: anonymous downloads otherwise
+            parallel=parallel,
             backend_url=os.environ.get("BACKEND_URL", "").strip() or None,
             # Its own setting, never HF_TOKEN: a token is sent only to a server someone named for it.
             backend_api_key=os.environ.get("BACKEND_API_KEY", "").strip() or None,
-            backend_wait=_env_int("BACKEND_WAIT", 120, minimum=0),
-            # The Space's 16 GB hold Phi-3.5-mini Q4_K_M (2.4 GB), 4 chats' KV cache (6 GB at 4096 tokens each) and the
-            # process (~1.5 GB): 4 GiB of finished chats (~10,000 tokens of Phi-3.5-mini) still leave 2 GB spare.
-            cache_mb=_env_int("CACHE_RAM_MB", 4096, minimum=0),
-            context_shift=_env_bool("CONTEXT_SHIFT", True),
+            backend_wait=_env_int("BACKEND_WAIT", cls.backend_wait, minimum=0),
             saved_chats_secret=os.environ.get("SAVED_CHATS_SECRET", "").strip(),
         )
 
-    def engine(self) -> EngineSettings:
-        return EngineSettings(n_ctx=self.n_ctx, parallel=self.parallel or DEFAULT_PARALLEL, n_threads=self.n_threads,
-                              n_threads_batch=self.n_threads_batch, n_batch=self.n_batch, kv_type=self.kv_type,
-                              prefill_chunk=self.prefill_chunk, verify_sha256=self.verify_sha256, seed=self.seed,
-                              cache_mb=self.cache_mb, context_shift=self.context_shift)
 
-
-# 4 chats in one llama_decode per step: 1.5x the tokens/s of one chat on 2 cores (more on more cores), and every
-# visitor streams at once instead of waiting for the answers ahead.
-DEFAULT_PARALLEL = 4
 SYSTEM_MESSAGE = "You are a helpful assistant."
 # (minimum, maximum, default) of each sampling control; the server enforces them for API callers too.
 LIMITS = {
@@ -261,9 +242,9 @@ def history_messages(history) -> list[dict]:
     return messages
 
 
-def respond(message, history, model_label, system_message, max_tokens, temperature, top_p, top_k, repeat_penalty):
+def respond(store: Store, message, history, model_label, system_message, max_tokens, temperature, top_p, top_k,
+            repeat_penalty):
     """Stream an answer. Bad input, a full line or a broken model file get a one-line notice, never an exception."""
-    ticket = object()
     try:
         message = text_of(message)
         if not message.strip():
@@ -277,33 +258,24 @@ def respond(message, history, model_label, system_message, max_tokens, temperatu
         }
         system = text_of(system_message) if system_message is not None else SYSTEM_MESSAGE
         past = history_messages(history)
-        label = text_of(model_label)
-        STORE.check(label)
-        for ahead in STORE.line.wait(ticket, label):  # PARALLEL chats at once; the model and its cache are shared
-            yield f"{WAITING}Waiting for the model: {ahead} {'chat' if ahead == 1 else 'chats'} ahead of you."
-        model = STORE.get(label)
         text = ""
-        for item in answer(model, system, past, message, max_tokens, sampling, STORE.seed, model.n_ctx,
-                           pace=STREAM_EVERY):
-            if isinstance(item, Done):
-                yield text + stats_line(item)
+        for item in store.turn(text_of(model_label), system, past, message, max_tokens, sampling, pace=STREAM_EVERY):
+            if isinstance(item, Waiting):
+                yield f"{WAITING}Waiting for the model: {item.ahead} {'chat' if item.ahead == 1 else 'chats'} ahead of you."
             elif isinstance(item, Reading):
                 yield reading_line(item)
+            elif isinstance(item, Done):
+                yield text + stats_line(item)
             else:
                 text = item
                 yield text
     except (BadRequest, ConfigError, Busy, EngineError) as err:
         yield f"{NOTICE}{err}"
-    finally:
-        STORE.line.leave(ticket)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # UI
 # ----------------------------------------------------------------------------------------------------------------------
-
-STORE: ModelStore | RemoteStore  # set by main()
-FEEDBACK: Feedback
 
 EXAMPLES = [
     "Explain QLoRA to a software engineer in three sentences.",
@@ -325,26 +297,27 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 QUANT = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[A-Z0-9]+)*)|BF16|F16|F32)(?=[-_.])")
 
 
-def describe(label) -> str:
+def describe(store: Store, label) -> str:
     """The info line for a dropdown entry: what is served, from where, how it is prompted."""
     label = text_of(label)
-    if label not in STORE.labels:
+    if label not in store.labels:
         return ""
-    about = STORE.about(label)
+    about = store.about(label)
     quant = QUANT.search(about.get("file", label) + ".")
     ours = " · built by this Space's `build/run.py` (QLoRA on oasst1)" if "oasst1" in about["name"].lower() else ""
     return (f"**{about['name']}**{ours}  \n{about['source']}{f' · {quant[1].upper()}' if quant else ''} · prompt "
-            f"format `{about['format']}` · context {about['n_ctx']} tokens · {STORE.line.capacity} chats at once, "
-            + ("served by a llama.cpp server" if isinstance(STORE, RemoteStore) else "on CPU with llama.cpp"))
+            f"format `{about['format']}` · context {about['n_ctx']} tokens · {store.line.capacity} chats at once, "
+            + ("served by a llama.cpp server" if isinstance(store, RemoteStore) else "on CPU with llama.cpp"))
 
 
-def record_feedback(data: gr.LikeData, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty):
+def record_feedback(feedback: Feedback, data: gr.LikeData, history, model, system, max_tokens, temperature, top_p,
+                    top_k, repeat_penalty):
     index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
     settings = {"model": text_of(model), "system": text_of(system), "max_tokens": max_tokens,
                 "temperature": temperature, "top_p": top_p, "top_k": top_k, "repeat_penalty": repeat_penalty}
     history = [{"role": m.get("role"), "content": text_of(m.get("content"))}
                for m in history or [] if isinstance(m, dict)]
-    FEEDBACK.record(bool(data.liked), int(index), history, settings)
+    feedback.record(bool(data.liked), int(index), history, settings)
 
 
 def saved_chats_key(secret: str = "") -> str:
@@ -364,7 +337,9 @@ def saved_chats_key(secret: str = "") -> str:
     return hashlib.sha256(f"saved chats of {origin}".encode()).hexdigest()[:32]
 
 
-def build_ui(labels: list[str], saved_chats_secret: str = "") -> gr.Blocks:
+def build_ui(store: Store, feedback: Feedback, saved_chats_secret: str = "") -> gr.Blocks:
+    """The page, wired to `store` (what answers) and `feedback` (where Like/Dislike go)."""
+    labels = store.labels
     slider = {name: dict(minimum=low, maximum=high, value=default) for name, (low, high, default) in LIMITS.items()}
     dropdown = lenient(gr.Dropdown(labels, value=labels[0], label="Model"))
     inputs = [
@@ -379,9 +354,9 @@ def build_ui(labels: list[str], saved_chats_secret: str = "") -> gr.Blocks:
     chatbot = gr.Chatbot(height=520, buttons=["copy", "copy_all", "share"], latex_delimiters=LATEX,
                          feedback_options=("Like", "Dislike"))
     with gr.Blocks(title="OpenAssistant chat · llama.cpp") as demo:
-        info = gr.Markdown(describe(labels[0]))
+        info = gr.Markdown(describe(store, labels[0]))
         chat = gr.ChatInterface(
-            respond,
+            functools.partial(respond, store),
             chatbot=chatbot,
             additional_inputs=inputs,
             examples=[[e] for e in EXAMPLES],
@@ -392,8 +367,13 @@ def build_ui(labels: list[str], saved_chats_secret: str = "") -> gr.Blocks:
             editable=True,  # edit a message to regenerate from it; its unchanged prefix still comes from the cache
         )
         chat.saved_conversations.secret = saved_chats_key(saved_chats_secret)
-        dropdown.change(describe, dropdown, info, api_visibility="undocumented")
-        chatbot.like(record_feedback, [chatbot, *inputs], None, api_visibility="undocumented")
+        dropdown.change(functools.partial(describe, store), dropdown, info, api_visibility="undocumented")
+
+        def like(data: gr.LikeData, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty):
+            record_feedback(feedback, data, history, model, system, max_tokens, temperature, top_p, top_k,
+                            repeat_penalty)
+
+        chatbot.like(like, [chatbot, *inputs], None, api_visibility="undocumented")
     return demo
 
 
@@ -402,16 +382,15 @@ def build_ui(labels: list[str], saved_chats_secret: str = "") -> gr.Blocks:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def serving_line(store: ModelStore, settings: Settings, cpu: CpuBackend) -> str:
+def serving_line(store: ModelStore, cpu: CpuBackend) -> str:
     """One line that says what this process serves and with what: for the Space's log."""
-    from ggufchat.files import human_size
-
+    s = store.settings
     files = ", ".join(f"{p.name} ({human_size(p.stat().st_size)})" for p in store.paths.values())
     kv = store.current.engine.kv_bytes if store.current else 0
-    return (f"serving: llama.cpp CPU backend {cpu.name} · {settings.n_threads} decode / {settings.n_threads_batch} "
-            f"prompt threads · {files} · context {settings.n_ctx} tokens per chat × {store.line.capacity} parallel chats · "
-            f"KV cache {human_size(kv)} ({settings.kv_type}) · finished chats kept in up to {settings.cache_mb} MiB of "
-            f"RAM · context shift {'on' if settings.context_shift else 'off'}")
+    return (f"serving: llama.cpp CPU backend {cpu.name} · {s.n_threads} decode / {s.n_threads_batch} prompt threads · "
+            f"{files} · context {s.n_ctx} tokens per chat × {store.line.capacity} parallel chats · KV cache "
+            f"{human_size(kv)} ({s.kv_type}) · finished chats kept in up to {s.cache_mb} MiB of RAM · context shift "
+            f"{'on' if s.context_shift else 'off'}")
 
 
 def feedback_from_env(settings: Settings) -> Feedback:
@@ -442,12 +421,13 @@ def local_store(settings: Settings) -> ModelStore:
         )
     cpu = load_cpu_backend()
     print(f"llama.cpp CPU backend: {cpu}", flush=True)
-    store = ModelStore(catalog, paths, settings.engine(), settings.queue_size, warm_system=SYSTEM_MESSAGE)
+    store = ModelStore(catalog, paths, settings.engine, settings.queue_size, settings.seed, settings.verify_sha256,
+                       warm_system=SYSTEM_MESSAGE)
     try:
         store.get(store.labels[0])
     except ConfigError as err:
         print(f"warning: {err}", file=sys.stderr)
-    print(serving_line(store, settings, cpu), flush=True)
+    print(serving_line(store, cpu), flush=True)
     return store
 
 
@@ -483,16 +463,14 @@ def quiet_queue(queue) -> None:
 
 
 def main() -> None:
-    global STORE, FEEDBACK
     try:
         settings = Settings.from_env()
-        STORE = remote_store(settings) if settings.backend_url else local_store(settings)
+        store = remote_store(settings) if settings.backend_url else local_store(settings)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    FEEDBACK = feedback_from_env(settings)
-    demo = build_ui(STORE.labels, settings.saved_chats_secret)
+    demo = build_ui(store, feedback_from_env(settings), settings.saved_chats_secret)
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
-    demo.queue(max_size=4 * (settings.queue_size + STORE.line.capacity) + 16)
+    demo.queue(max_size=4 * (settings.queue_size + store.line.capacity) + 16)
     quiet_queue(demo._queue)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
 

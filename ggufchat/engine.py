@@ -14,18 +14,20 @@ Phi-3.5-mini shape Q4_K_M, one chat decoded at 0.52 tokens/s beside 5,800 cells 
 8 with the cache empty.) A chat ends at the end of its stream; should llama.cpp still find no room, the newest chat
 in the step ends with a notice: `llama_decode` never fails in a visitor's face.
 
-Prefix reuse (the decisions are reuse.py's): a slot keeps the cells of its last chat when that chat ends, and a
-chat's next turn (or the same request again) takes the slot that holds its prompt's beginning, also when its oldest
-turns were dropped to fit the window: those are cut out of its cells and the rest shifted down (`shift`). Any other
-chat takes an empty slot if there is one, else one holding a finished chat, whose cells then go to host RAM
-(`cache_bytes`, least recently used out first) so that it reads nothing again when it comes back; among those
-slots, first one that keeps the running chats' sequence ids consecutive (llama.cpp makes a pass over the weights per
-run of consecutive ids in a step: see runs()), then the least recently used. The prompt's beginning is then taken
-from wherever most of it is: host RAM (this chat, back), or another slot sharing a long enough beginning (a long
-system prompt: `llama_memory_seq_cp` across streams copies the whole buffer). A stopped chat's cells are freed at once.
+Prefix reuse (where cells can come from is reuse.py's; which slot, schedule.py's): a slot keeps the cells of its
+last chat when that chat ends, and a chat's next turn (or the same request again) takes the slot that holds its
+prompt's beginning, also when its oldest turns were dropped to fit the window: those are cut out of its cells and
+the rest shifted down (`context_shift`). Any other chat takes an empty slot if there is one, else one holding a
+finished chat, whose cells then go to host RAM (`cache_mb`, least recently used out first) so that it reads nothing
+again when it comes back; among those slots, first one that keeps the running chats' sequence ids consecutive
+(llama.cpp makes a pass over the weights per run of consecutive ids in a step: see schedule.runs()), then the least
+recently used. The prompt's beginning is then taken from wherever most of it is: host RAM (this chat, back), or
+another slot sharing a long enough beginning (a long system prompt: `llama_memory_seq_cp` across streams copies the
+whole buffer). A stopped chat's cells are freed at once.
 
-The engine knows token ids and sampling, never prompt formats: see prompt.py for those, and backends.py for the
-glue. What a caller submits and reads back is a Request (request.py); LLAMA_THREAD (llama_thread.py) steps the engine.
+The engine knows token ids and sampling, never prompt formats: see prompt.py for those, and local.py for the glue.
+Its decisions (which slot, what the next step holds) are schedule.py's pure functions. What a caller submits and
+reads back is a Request (request.py); LLAMA_THREAD (llama_thread.py) steps the engine.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ import codecs
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import Busy, ConfigError
 from .llama_thread import LLAMA_THREAD, quiet_llama_log
 from .request import _END, PENALTY_LAST_N, Request, Sampling
-from .reuse import HostCache, Saved, common_prefix, dropped_span, runs
+from .reuse import HostCache, Saved, common_prefix, dropped_span
+from .schedule import SHIFT_MIN_TOKENS, Slot, choose_slot, plan_step
+from .vocab import Vocab
 
 KV_TYPES = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}  # name -> (ggml type, bytes per element)
 # Copying another chat's stream to reuse the beginning of a prompt copies the whole stream (n_ctx cells): worth it
@@ -53,27 +57,30 @@ COPY_MIN_TOKENS = 16
 # Phi-3.5-mini shape (2 cores), their first tokens spread from 4.1 to 5.9 s; gathered, all four came at once. A lone
 # visitor pays GATHER_S once, against seconds of prompt.
 GATHER_S, GATHER_MAX_S = 0.03, 0.25
-# A chat whose oldest turns were dropped to fit its window keeps the rest of its cells, shifted down, when at least
-# this many remain (fewer: just read them again).
-SHIFT_MIN_TOKENS = 32
 # A slot's finished chat goes to host RAM before another chat takes the slot when at least this many of its cells would
 # otherwise be lost: the same bar as for restoring them (copying a stream costs ~0.1 s per 300 MB on these cores).
 SAVE_MIN_TOKENS = COPY_MIN_TOKENS
 PROMPT_SPEED_MIN_TOKENS = 16  # steps with fewer prompt tokens say little about the prompt speed
 
 
-@dataclass
-class Slot:
-    seq: int
-    cells: list[int] = field(default_factory=list)  # tokens whose K/V this sequence holds, at positions 0..n-1
-    request: Request | None = None
-    todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
-    next_token: int | None = None  # sampled, evaluated at the next step
-    chain: object = None  # llama_sampler chain
-    decoder: object = None  # incremental UTF-8 decoder
-    held: str = ""  # text held back: it may be the start of a stop string
-    used_at: float = 0.0
-    admitted: int = 0  # admission order, for chunked prefill first come first served
+@dataclass(frozen=True)
+class EngineSettings:
+    """How an engine runs; each default is the one the Space uses (app.py reads the environment into these)."""
+
+    n_ctx: int = 4096  # tokens per chat: prompt + answer
+    # 4 chats in one llama_decode per step: 1.5x the tokens/s of one chat on 2 cores (docs/performance.md), and every
+    # visitor streams at once instead of waiting for the answers ahead.
+    parallel: int = 4
+    n_threads: int = 1  # decode threads (app.py: every core; docs/performance.md "Threads")
+    n_threads_batch: int = 1  # prompt threads
+    n_batch: int = 512
+    kv_type: str = "f16"  # a KV_TYPES key; q8_0 halves the KV cache at some cost in speed
+    prefill_chunk: int = 64  # prompt tokens per step while other chats are answering
+    # Host RAM for finished chats' cells (MiB; 0: off). The Space's 16 GB hold Phi-3.5-mini Q4_K_M (2.4 GB), four
+    # chats' KV cache (6 GB at 4096 tokens each) and the process (~1.5 GB): 4 GiB of finished chats (~10,000 tokens
+    # of Phi-3.5-mini) still leave 2 GB spare.
+    cache_mb: int = 4096
+    context_shift: bool = True  # a long chat's dropped turns are cut out of its cells instead of re-reading the rest
 
 
 def kv_bytes_per_token(model, kv_type: str) -> int:
@@ -88,20 +95,20 @@ def kv_bytes_per_token(model, kv_type: str) -> int:
 class Engine:
     """One model, one context, `parallel` slots; stepped by LLAMA_THREAD."""
 
-    def __init__(self, path: str | Path, *, n_ctx: int, parallel: int = 4, n_batch: int = 512, n_threads: int = 1,
-                 n_threads_batch: int = 1, kv_type: str = "f16", prefill_chunk: int = 64, kv_cells: int | None = None,
-                 cache_bytes: int = 0, shift: bool = True):
-        if kv_type not in KV_TYPES:
-            raise ConfigError(f"KV_CACHE_TYPE={kv_type!r} is unknown; use one of {', '.join(KV_TYPES)}.")
-        self.path = Path(path)
-        self.n_ctx, self.parallel, self.n_batch = n_ctx, parallel, n_batch
-        self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
-        self.kv_type, self.prefill_chunk = kv_type, max(1, min(prefill_chunk, n_batch))
-        self.kv_cells = kv_cells or n_ctx * parallel  # each chat may fill its n_ctx while all others do too
-        self.ctx_per_chat = min(n_ctx, self.kv_cells // parallel)  # one stream's cells
-        self.slots = [Slot(seq) for seq in range(parallel)]
-        self.host = HostCache(cache_bytes)  # finished chats' cells, evicted from their slots
-        self.shift = shift
+    def __init__(self, path: str | Path, settings: EngineSettings | None = None, *, kv_cells: int | None = None,
+                 **overrides):
+        """`settings` (default: EngineSettings()), with any of its fields overridden by keyword (tests, benchmarks).
+        `kv_cells`: fewer cells than `n_ctx * parallel`, to test a cache that fills up."""
+        s = replace(settings or EngineSettings(), **overrides)
+        if s.kv_type not in KV_TYPES:
+            raise ConfigError(f"KV_CACHE_TYPE={s.kv_type!r} is unknown; use one of {', '.join(KV_TYPES)}.")
+        self.path, self.settings = Path(path), s
+        self.n_ctx, self.parallel, self.n_batch = s.n_ctx, s.parallel, s.n_batch
+        self.prefill_chunk = max(1, min(s.prefill_chunk, s.n_batch))
+        self.kv_cells = kv_cells or s.n_ctx * s.parallel  # each chat may fill its n_ctx while all others do too
+        self.ctx_per_chat = min(s.n_ctx, self.kv_cells // s.parallel)  # one stream's cells
+        self.slots = [Slot(seq) for seq in range(s.parallel)]
+        self.host = HostCache(s.cache_mb << 20)  # finished chats' cells, evicted from their slots
         self.prompt_tps: float | None = None  # prompt tokens per second, as measured in this process (for progress)
         self.waiting: list[Request] = []  # submitted, not yet in a slot
         self.incoming: list[Request] = []
@@ -148,8 +155,6 @@ class Engine:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
-        from .prompt import Vocab
-
         quiet_llama_log()
         try:
             self.model = LlamaModel(path_model=str(self.path), params=llama_cpp.llama_model_default_params(),
@@ -162,10 +167,10 @@ class Engine:
         params.n_seq_max = self.parallel
         params.kv_unified = False  # a stream per chat: see the module docstring
         params.n_batch = params.n_ubatch = self.n_batch
-        params.n_threads, params.n_threads_batch = self.n_threads, self.n_threads_batch
+        params.n_threads, params.n_threads_batch = self.settings.n_threads, self.settings.n_threads_batch
         # Fused attention on the CPU too: +7% decode on the full-size model here; a quantized V cache needs it.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        params.type_k = params.type_v = KV_TYPES[self.kv_type][0]
+        params.type_k = params.type_v = KV_TYPES[self.settings.kv_type][0]
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model.model, params)
         if not self.ctx:
@@ -174,7 +179,7 @@ class Engine:
                               "lower N_CTX or PARALLEL.")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.kv_bytes = kv_bytes_per_token(self.model.model, self.kv_type) * self.kv_cells
+        self.kv_bytes = kv_bytes_per_token(self.model.model, self.settings.kv_type) * self.kv_cells
 
     def _free(self) -> None:
         import llama_cpp
@@ -249,20 +254,10 @@ class Engine:
             self._end(request, "error",
                       f"The prompt has {len(ids)} tokens; this model's context holds {self.ctx_per_chat}.")
             return
-        idle = [slot for slot in self.slots if slot.request is None]
-        # A chat's next turn continues the cells it left, and an answer asked for again (a retry, the same request)
-        # takes the cells its prompt already has: nothing of anyone else's is lost, and the prompt's last token is
-        # computed as it was the first time (so a fixed seed gives the same answer). Any other chat takes an empty slot
-        # or else one whose chat has ended, next to the running chats if it can (see runs()) and else the least
-        # recently used; that chat's cells go to host RAM first.
-        continuing = {s.seq: n for s in idle if s.cells and (n := self._continues(s, ids))}
-        if continuing:
-            slot = max(idle, key=lambda s: continuing.get(s.seq, 0))
-        else:
-            running = {s.seq for s in self.slots if s.request is not None}
-            slot = min(idle, key=lambda s: (bool(s.cells), runs(running | {s.seq}), s.used_at))
+        slot, continued = choose_slot(self.slots, ids, self.settings.context_shift)
         keep = common_prefix(slot.cells, ids)
-        if slot.seq not in continuing and keep < len(ids) and len(slot.cells) - keep >= SAVE_MIN_TOKENS:
+        # Another chat's cells (a finished one) go to host RAM before this chat overwrites them.
+        if not continued and keep < len(ids) and len(slot.cells) - keep >= SAVE_MIN_TOKENS:
             self._save(slot)
         # The prompt's beginning may be longer elsewhere: in another slot (a shared system prompt; across streams
         # llama.cpp copies the donor's whole stream, the part past the shared prefix goes below) or in host RAM (this
@@ -270,7 +265,7 @@ class Engine:
         donor = max(self.slots, key=lambda s: common_prefix(s.cells, ids) if s is not slot else -1)
         saved, from_host = self.host.best(ids)
         from_donor = common_prefix(donor.cells, ids) if donor is not slot else 0
-        if max(from_host, from_donor) - continuing.get(slot.seq, keep) >= COPY_MIN_TOKENS:
+        if max(from_host, from_donor) - (continued or keep) >= COPY_MIN_TOKENS:
             if from_host >= from_donor:
                 self._restore(slot, self.host.take(saved))
             else:
@@ -279,8 +274,8 @@ class Engine:
             keep = common_prefix(slot.cells, ids)
         # A long chat whose oldest turns were dropped to fit the window: cut them out of its cells and shift the rest
         # down, instead of reading the whole kept history again. Not bit-exact (the kept cells were computed while the
-        # dropped turns were there to attend to; README "Long chats" has the measured cost), so it can be turned off.
-        if self.shift and keep < len(slot.cells) and (cut := dropped_span(slot.cells, ids, keep, SHIFT_MIN_TOKENS)):
+        # dropped turns were there to attend to; docs/performance.md "Context shift" has the measured cost), so it can be turned off.
+        if self.settings.context_shift and keep < len(slot.cells) and (cut := dropped_span(slot.cells, ids, keep, SHIFT_MIN_TOKENS)):
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, keep, cut)
             llama_cpp.llama_memory_seq_add(self.mem, slot.seq, cut, -1, keep - cut)
             slot.cells = slot.cells[:keep] + slot.cells[cut:]
@@ -297,15 +292,6 @@ class Engine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.admissions += 1
         slot.admitted = self.admissions
-
-    def _continues(self, slot: Slot, ids: list[int]) -> int:
-        """How much of the prompt `slot`'s cells give if they hold this very chat (its last turn, or the same prompt
-        again, or its history with the oldest turns dropped); 0 if they hold another chat's."""
-        keep = common_prefix(slot.cells, ids)
-        if keep in (len(slot.cells), len(ids)):
-            return keep
-        cut = dropped_span(slot.cells, ids, keep, SHIFT_MIN_TOKENS) if self.shift else None
-        return keep + len(slot.cells) - cut if cut else 0
 
     def _save(self, slot: Slot) -> None:
         """Copy a slot's cells (a finished chat) to host RAM, if the budget holds them."""
@@ -360,39 +346,15 @@ class Engine:
 
         batch, n = self.batch, 0
         rows: dict[int, Slot] = {}  # logits row -> slot
-        evaluated: list[tuple[Slot, list[int], bool]] = []  # (slot, its tokens in this batch, logits of the last)
-
-        def add(slot: Slot, tokens: list[int], logits_last: bool) -> None:
-            evaluated.append((slot, tokens, logits_last))
-
-        def write(slot: Slot, tokens: list[int], logits_last: bool) -> None:
-            nonlocal n
-            start = len(slot.cells)
+        evaluated = plan_step(self.slots, self.n_batch, self.prefill_chunk)  # (slot, its tokens, logits of the last)
+        for slot, tokens, logits_last in evaluated:
             for j, token in enumerate(tokens):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + j, 1
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(slot.cells) + j, 1
                 batch.seq_id[n][0] = slot.seq
                 batch.logits[n] = logits_last and j == len(tokens) - 1
                 if batch.logits[n]:
                     rows[n] = slot
                 n += 1
-
-        for slot in self.slots:
-            if slot.request is not None and slot.next_token is not None:
-                add(slot, [slot.next_token], True)
-        # While others are answering, a new prompt goes in bounded chunks; alone, as fast as a batch allows.
-        n_answering = len(evaluated)
-        budget = (min(self.prefill_chunk, self.n_batch - n_answering) if n_answering else self.n_batch)
-        for slot in sorted((s for s in self.slots if s.request is not None and s.todo), key=lambda s: s.admitted):
-            if budget <= 0:
-                break
-            chunk = slot.todo[:budget]
-            budget -= len(chunk)
-            add(slot, chunk, len(chunk) == len(slot.todo) and slot.request.max_tokens > 0)
-        # In sequence order: llama.cpp splits a step into one pass over the weights per run of consecutive sequence
-        # ids, taken in the batch's order (non-unified KV; see runs()).
-        evaluated.sort(key=lambda e: e[0].seq)
-        for entry in evaluated:
-            write(*entry)
         batch.n_tokens = n
         self._hand_over()
         start = time.perf_counter()
@@ -446,10 +408,10 @@ class Engine:
         if self.vocab.is_eog(token):
             self._finish(slot, "stop")
             return
-        stats.generated.append(token)
+        stats.tokens.append(token)
         if self._emit(slot, slot.decoder.decode(self.vocab.piece(token))):
             self._finish(slot, "stop")
-        elif len(stats.generated) >= request.max_tokens or len(slot.cells) >= self.ctx_per_chat:
+        elif len(stats.tokens) >= request.max_tokens or len(slot.cells) >= self.ctx_per_chat:
             self._finish(slot, "length")  # this last token was sampled and streamed, never evaluated
         else:
             slot.next_token = token

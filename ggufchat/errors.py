@@ -11,3 +11,7 @@ class BadRequest(Exception):
 
 class Busy(Exception):
     """No room now (the waiting line is full, or the model's memory is): try again shortly."""
+
+
+class EngineError(Exception):
+    """An answer the engine (or the model server) had to end; the message is for the visitor."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,10 @@ def check_model_file(path: Path, verify_sha256: bool) -> None:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
         if digest.hexdigest() != blob.name:
-            raise ConfigError(
-                f"{path.name} is corrupt: its sha256 does not match the Hub's; delete {blob} to download it again."
-            )
+            # What to do is for the operator (the log); the visitor reads that this model cannot be served.
+            print(f"error: {path.name} is corrupt: its sha256 does not match the Hub's; delete {blob} and restart to "
+                  "download it again.", file=sys.stderr, flush=True)
+            raise ConfigError(f"{path.name} is damaged and cannot be served now; please choose another model.")
 
 
 def human_size(n: float) -> str:
@@ -73,4 +75,3 @@ def human_size(n: float) -> str:
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"

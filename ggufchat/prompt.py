@@ -4,18 +4,16 @@ becoming a control token (or, in plain-text formats, a turn marker).
 Each format reproduces, character for character, the chat template its models were trained with
 (tests/test_prompt.py renders the same chat through transformers' apply_chat_template and compares token ids).
 llama-cpp-agent's own PHI_3 formatter folds the system prompt into the first user turn, which is not Phi-3.5's
-template, hence these custom MessagesFormatters. The tokenizer works on a model's vocabulary alone (`Vocab`): a
-loaded model's, or a vocab-only GGUF's in milliseconds.
+template, hence these custom MessagesFormatters. The tokenizer works on a model's vocabulary alone (vocab.Vocab, or
+remote.RemoteVocab over a llama-server's /tokenize).
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import BadRequest, ConfigError
 
@@ -119,90 +117,6 @@ def make_messages_formatter(fmt: PromptFormat):
     )
 
 
-class Vocab:
-    """A model's vocabulary: tokenize text, spell tokens, tell control and end-of-generation tokens.
-
-    Holds the llama.cpp model it comes from (a whole model, or a vocab-only load of a GGUF) and keeps it alive.
-    Reading a vocabulary is thread-safe in llama.cpp, so any thread may tokenize while another one decodes.
-    """
-
-    def __init__(self, model):  # llama_cpp._internals.LlamaModel
-        import llama_cpp
-
-        self.model = model
-        self.ptr = llama_cpp.llama_model_get_vocab(model.model)
-        self.n_tokens = llama_cpp.llama_vocab_n_tokens(self.ptr)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Vocab:
-        """The vocabulary of a GGUF file, without its weights."""
-        import llama_cpp
-        from llama_cpp._internals import LlamaModel
-
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        return cls(LlamaModel(path_model=str(path), params=params, verbose=False))
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.model.metadata()
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        import llama_cpp
-
-        data = text.encode("utf-8")
-        room = len(data) + 8  # at most one token per byte, plus what a tokenizer may add
-        tokens = (llama_cpp.llama_token * room)()
-        n = llama_cpp.llama_tokenize(self.ptr, data, len(data), tokens, room, False, special)
-        if n < 0:
-            raise ValueError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
-        return list(tokens[:n])
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for inside a text (control tokens: none)."""
-        import llama_cpp
-
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.ptr, token, buf, len(buf), 0, False)
-        return buf.raw[:n] if n > 0 else b""
-
-    def detokenize(self, tokens, special: bool = False) -> bytes:
-        import llama_cpp
-
-        buf, out = ctypes.create_string_buffer(256), bytearray()
-        for token in tokens:
-            n = llama_cpp.llama_token_to_piece(self.ptr, int(token), buf, len(buf), 0, special)
-            out += buf.raw[: max(n, 0)]
-        return bytes(out)
-
-    def is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self.ptr, token))
-
-    def attr(self, token: int) -> int:
-        import llama_cpp
-
-        return llama_cpp.llama_vocab_get_attr(self.ptr, token)
-
-    def special_tokens(self) -> dict[str, tuple[int, int]]:
-        """text -> (token id, llama_token_attr bits) of every token that only template text may produce."""
-        import llama_cpp
-
-        kinds = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
-        found: dict[str, tuple[int, int]] = {}
-        for token in range(self.n_tokens):
-            attr = self.attr(token)
-            if attr & kinds and (text := self.text(token)):
-                found.setdefault(text, (token, attr))
-        return found
-
-    def text(self, token: int) -> str:
-        import llama_cpp
-
-        return llama_cpp.llama_vocab_get_text(self.ptr, token).decode("utf-8", errors="replace")
-
-
 class PromptTokenizer:
     """Tokenizes a formatted prompt the way llama.cpp does with special tokens on, except inside OPEN...CLOSE.
 
@@ -211,8 +125,6 @@ class PromptTokenizer:
     produce special tokens. No BOS is added: the chat templates in PROMPT_FORMATS start without one,
     exactly as the model saw its training data.
     """
-
-    MEMO = 32  # prompts remembered: history fitting and the provider tokenize the same prompt once per turn
 
     def __init__(self, vocab):
         """`vocab`: a Vocab, or anything with its tokenize/detokenize/special_tokens (remote.RemoteVocab)."""
@@ -229,7 +141,6 @@ class PromptTokenizer:
         self.pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
         self.lstrip, self.rstrip = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP, llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
         self.answers: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # recent answers -> the ids that made them
-        self.memo: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self.lock = threading.Lock()  # several chats tokenize and remember answers at once
 
     def remember_answer(self, text: str, ids) -> None:
@@ -250,16 +161,8 @@ class PromptTokenizer:
 
     def __call__(self, prompt: str) -> list[int]:
         with self.lock:
-            if prompt in self.memo:
-                self.memo.move_to_end(prompt)
-                return list(self.memo[prompt])
             answers = dict(self.answers)
-        ids = self._tokenize(prompt, answers)
-        with self.lock:
-            self.memo[prompt] = tuple(ids)
-            while len(self.memo) > self.MEMO:
-                self.memo.popitem(last=False)
-        return ids
+        return self._tokenize(prompt, answers)
 
     def _tokenize(self, prompt: str, answers: dict[str, tuple[int, ...]]) -> list[int]:
         # 1. Fragments: special tokens found in template text, and the raw text between them.
@@ -303,20 +206,32 @@ def format_prompt(formatter, system: str, past: list[dict], message: str) -> str
 
 
 def fit_history(formatter, tokenize: PromptTokenizer, system: str, past: list[dict], message: str, max_tokens: int,
-                n_ctx: int) -> tuple[list[dict], list[int], int]:
+                n_ctx: int, step: int | None = None) -> tuple[list[dict], list[int], int]:
     """Drop the oldest turns until prompt + answer budget fit the context window; the system message stays.
+
+    Turns go in sticky steps: the history is only ever cut before a user turn that is the first to start past a
+    multiple of `step` characters of the conversation (default: n_ctx characters, about a quarter of the window in
+    tokens). As a chat grows, its cut then stays where it is for several turns instead of moving by one turn each
+    turn, and the prompt's beginning changes only when it moves: each change costs the engine a context shift (which
+    re-ropes the whole cache: docs/performance.md) or, with CONTEXT_SHIFT=0, a re-read of the kept history. The price
+    is up to `step` characters less history than would fit. `step=1` drops as few turns as fit.
 
     Returns (past kept, prompt token ids, answer budget). Raises BadRequest if the new message alone cannot fit.
     """
     # An answer may not claim more than half the window, or one long answer would evict the whole chat.
     reserve = min(max_tokens, n_ctx // 2)
-    while True:
-        ids = tokenize(format_prompt(formatter, system, past, message))
+    step = step or n_ctx
+    cuts = [0]  # where the kept history may begin: all of it, or a turn that is the first past a multiple of step
+    previous = start = 0  # where the turn before this one, and this one, start (characters)
+    for i in range(0, len(past), 2):
+        if i and start // step > previous // step:
+            cuts.append(i)
+        previous, start = start, start + sum(len(m["content"]) + 1 for m in past[i:i + 2])
+    for i in [*cuts, len(past)]:
+        ids = tokenize(format_prompt(formatter, system, past[i:], message))
         if len(ids) + reserve <= n_ctx:
-            return past, ids, min(max_tokens, n_ctx - len(ids))
-        if not past:
-            raise BadRequest(
-                f"Your message is too long for this model: {len(ids)} tokens with the system message, and the "
-                f"context holds {n_ctx} including {reserve} for the answer. Shorten it or lower max tokens."
-            )
-        past = past[2:]  # one user turn and its answer
+            return past[i:], ids, min(max_tokens, n_ctx - len(ids))
+    raise BadRequest(
+        f"Your message is too long for this model: {len(ids)} tokens with the system message, and the "
+        f"context holds {n_ctx} including {reserve} for the answer. Shorten it or lower max tokens."
+    )

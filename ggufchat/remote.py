@@ -19,11 +19,11 @@ from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .backends import Done, Store
-from .request import PENALTY_LAST_N, EngineError
-from .errors import ConfigError
+from .errors import ConfigError, EngineError
 from .line import WaitingLine
 from .prompt import PROMPT_FORMATS, PromptFormat, PromptTokenizer, detect_prompt_format, make_messages_formatter
+from .request import PENALTY_LAST_N
+from .turns import Done, Store, fitted_ids
 
 # llama-server's sampler chain in the engine's order (engine.Engine._sampler). The provider's default list leaves
 # out "penalties", and llama-server then ignores the repetition penalty.
@@ -170,8 +170,9 @@ class RemoteModel:
     n_ctx: int  # the server's context per slot
     format_name: str
 
-    def provider(self, pace: float = 0.0):
-        return _provider_class()(self, pace)
+    def provider(self, pace: float = 0.0, fitted: tuple[str, list[int]] | None = None):
+        """A llama-cpp-agent provider for one answer; `fitted`: the prompt fit_history measured, and its ids."""
+        return _provider_class()(self, pace, fitted)
 
 
 @functools.cache
@@ -183,9 +184,9 @@ def _provider_class():
         """LlamaCppServerProvider with the prompt as token ids, a stream that is closed when the answer ends (which
         cancels it on the server), timeouts, and errors raised as BackendError instead of printed and swallowed."""
 
-        def __init__(self, model: RemoteModel, pace: float = 0.0):
+        def __init__(self, model: RemoteModel, pace: float = 0.0, fitted: tuple[str, list[int]] | None = None):
             super().__init__(model.server.url, model.server.api_key)
-            self.model, self.pace = model, pace
+            self.model, self.pace, self.fitted = model, pace, fitted
             self.response = None
             self.ids: list[int] = []
             self.tokens: list[int] = []
@@ -196,7 +197,7 @@ def _provider_class():
 
         def create_completion(self, prompt, structured_output_settings, settings, bos_token):
             data = self.prepare_generation_settings(deepcopy(settings.as_dict()), structured_output_settings)
-            self.ids = self.model.tokenize(prompt)
+            self.ids = fitted_ids(self.fitted, prompt) if self.fitted else self.model.tokenize(prompt)
             data.update(prompt=self.ids, model=self.model.model_id, samplers=SAMPLERS, repeat_last_n=PENALTY_LAST_N,
                         stream=True, return_tokens=True, cache_prompt=True)
             self.response = self.model.server.call("POST", "/completion", json=data, stream=True)
@@ -249,7 +250,7 @@ def _provider_class():
 
 
 class RemoteStore(Store):
-    """What the server serves, in the same shape as backends.ModelStore: labels for the dropdown, a seat in the
+    """What the server serves, in the same shape as local.ModelStore: labels for the dropdown, a seat in the
     waiting line, and a model to answer with. Nothing is loaded here."""
 
     def __init__(self, server: Server, queue_size: int, prompt_format: str = "auto", parallel: int | None = None,

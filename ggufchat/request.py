@@ -1,7 +1,7 @@
-"""One answer as its caller sees it: the sampling settings it asks for, the text it streams, its stats, its errors.
+"""One answer as its caller sees it: the sampling settings it asks for, the text it streams, its stats.
 
 The engine (engine.py) fills a Request from the llama.cpp thread; the web server's thread reads its stream. The
-remote backend (remote.py) takes the same Sampling and raises the same EngineError.
+remote backend (remote.py) takes the same Sampling.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from .errors import EngineError
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -37,21 +39,17 @@ class Stats:
     evaluated: int = 0  # prompt tokens llama.cpp computed for this answer; the others came from the cache
     to_evaluate: int = 0  # prompt tokens it had to compute when it got its seat (0 until then)
     read_at: float | None = None  # when `evaluated` last grew (or the seat was taken): progress is estimated from it
-    generated: list[int] = field(default_factory=list)  # every sampled token but an end-of-generation one
+    tokens: list[int] = field(default_factory=list)  # the answer's ids: every sampled token but an end-of-generation one
     first_token_at: float | None = None
     finished_at: float | None = None
     reason: str = ""  # stop | length | cancelled | error
 
     @property
     def tokens_per_s(self) -> float:
-        n = len(self.generated)
+        n = len(self.tokens)
         if n < 2 or not self.first_token_at or not self.finished_at or self.finished_at <= self.first_token_at:
             return 0.0
         return (n - 1) / (self.finished_at - self.first_token_at)
-
-
-class EngineError(Exception):
-    """An answer the engine had to end; the message is for the visitor."""
 
 
 _END = object()

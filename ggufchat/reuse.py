@@ -24,16 +24,6 @@ def common_prefix(a, b) -> int:
     return i
 
 
-def runs(seqs: set[int]) -> int:
-    """How many runs of consecutive ids `seqs` make: how many passes over the weights llama.cpp makes for one step
-    of chats in those sequences. With a KV stream per sequence, llama.cpp cuts each `llama_decode` into micro-batches
-    of consecutive sequence ids (llama_batch_allocr::split_equal with `sequential`), so four chats in sequences 0, 1, 6
-    and 7 cost two passes a step. Measured 2026-12-01 on 2 cores, Phi-3.5-mini shape Q4_K_M, four chats of 64 tokens
-    (4 interleaved rounds): in sequences 1-4, 13.8 tokens/s; in two or three runs (0, 1, 4, 7 or 0, 3, 4, 7), where
-    the empty-or-least-recently-used choice alone put them, 10.0."""
-    return sum(1 for seq in seqs if seq - 1 not in seqs)
-
-
 def dropped_span(cells: list[int], ids: list[int], keep: int, minimum: int) -> int | None:
     """The end `b` of a span cells[keep:b] whose removal makes all of the rest, cells[b:], continue the prompt right
     after its first `keep` tokens: ids[keep:keep + len(cells) - b] == cells[b:]. That is what history fitting does to a

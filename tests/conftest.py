@@ -14,6 +14,12 @@ Fixtures other tests may use (all session-scoped):
   quants the Space serves are hub/SmolLM2-135M-Instruct-oasst1-smoke-{Q4_K_M,Q5_K_M}.gguf. Its full log is
   `smoke_run.parent / "smoke.log"`. Treat it as read-only (copy it with `linked_copy` to run more stages).
 - tiny_phi3_run -> Path: output dir of the tiny-phi3 test recipe run through every stage.
+
+Module-scoped (one per test file that asks):
+- smollm2 -> (ModelStore, EngineSettings): SmolLM2 loaded in process as the app loads it (helpers.load).
+- browser: Playwright's Chromium (Debian's, no download); skips where it is not installed, fails under CI.
+
+Helpers that several test files share (no test file imports another) are in helpers.py.
 """
 
 from __future__ import annotations
@@ -176,6 +182,38 @@ def fake_hub(monkeypatch):
     FakeHfApi.calls, FakeHfApi.tokens, FakeHfApi.valid, FakeHfApi.allow_write = [], [], True, True
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     return FakeHfApi
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Module fixtures
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    from helpers import load
+
+    store, settings = load(smollm2_gguf)
+    yield store, settings
+    store.unload()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        why = "Debian's chromium is not installed (as root tests/setup.sh installs it; or: apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}: CI must run the browser tests")
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
   else
-    # Under CI the browser tests then fail (tests/test_browser.py); elsewhere they skip.
+    # Under CI the browser tests then fail (the `browser` fixture, tests/conftest.py); elsewhere they skip.
     echo "note: install Debian's chromium (sudo apt-get install chromium) for the browser tests" >&2
   fi
 fi

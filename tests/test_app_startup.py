@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from serving import CALL_TIMEOUT, app_server, run_app
+from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, make_messages_formatter
+from ggufchat.vocab import Vocab
 
 REPO = "someone/phi35-oasst1-GGUF"
 NAME = REPO.split("/")[1]
@@ -102,12 +104,14 @@ def test_corrupt_download_is_refused_and_the_other_model_keeps_serving(tmp_path,
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "MODEL_REPO": REPO, "MODEL_FILES": "bad.gguf,good.gguf"}
     with app_server(tmp_path, env) as server:
         answer = ask(server, f"{NAME}/bad.gguf")
-        assert "bad.gguf is corrupt: its sha256 does not match the Hub's" in answer
+        # The visitor reads that the model cannot be served; what to do about it is the operator's, in the log.
+        assert answer == "⚠️ bad.gguf is damaged and cannot be served now; please choose another model."
+        assert "bad.gguf is corrupt: its sha256 does not match the Hub's; delete " in server.output()
         answer = ask(server, f"{NAME}/good.gguf")
         assert "tokens/s" in answer
         # Asking again gets the same notice (the verdict is kept: the file is not loaded).
         answer = ask(server, f"{NAME}/bad.gguf")
-        assert "is corrupt" in answer
+        assert "is damaged" in answer
 
 
 def ask(server, label: str, max_tokens: int = 8, system: str = "", temperature: float = 0.7, top_k: int = 40) -> str:
@@ -221,16 +225,15 @@ def seedless_human_server(tmp_path_factory, smollm2_gguf):
 def test_prompt_format_from_the_environment_overrides_the_gguf(seedless_human_server, smollm2_gguf):
     from llama_cpp_agent.chat_history.messages import Roles
 
-    import app
 
     answer = ask(seedless_human_server, smollm2_gguf.name)
     assert f"loaded {smollm2_gguf.name} in" in seedless_human_server.output()
     assert "(prompt format: human)" in seedless_human_server.output()
     # The prompt the server counted is the human format's, not the ChatML of the GGUF's own template.
-    tokenize = app.PromptTokenizer(app.Vocab.load(smollm2_gguf))
+    tokenize = PromptTokenizer(Vocab.load(smollm2_gguf))
     counts = {}
     for name in ("human", "chatml"):
-        formatter = app.make_messages_formatter(app.PROMPT_FORMATS[name])
+        formatter = make_messages_formatter(PROMPT_FORMATS[name])
         prompt = formatter.format_conversation([{"role": "system", "content": ""},
                                                 {"role": "user", "content": "Hi"}], Roles.assistant)[0]
         counts[name] = len(tokenize(prompt))

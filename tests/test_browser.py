@@ -1,28 +1,22 @@
 """A real browser on the real app: Playwright drives Debian's Chromium (no browser download).
 
-Screenshots land in tests/artifacts/browser/ for a person to look at.
+Screenshots land in tests/artifacts/browser/ for a person to look at. The `browser` fixture is in conftest.py, the
+page helpers in helpers.py.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 import app
+from helpers import bot_messages, open_page, send, shot, wait_for_answer
 from serving import CALL_TIMEOUT, READ_TIMEOUT, app_server
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parent / "artifacts" / "browser"
-# As the probe found: without the background-networking flags Chromium keeps dialling a closed network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")
@@ -30,55 +24,6 @@ def server(tmp_path_factory, smollm2_gguf, tiny_phi3_gguf):
     env = {"MODEL_PATH": f"{smollm2_gguf},{tiny_phi3_gguf['Q4_K_M']}", "N_CTX": "2048", "SEED": "7"}
     with app_server(tmp_path_factory.mktemp("browser"), env) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        why = "Debian's chromium is not installed (as root tests/setup.sh installs it; or: apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}: CI must run the browser tests")
-        pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def open_page(browser, url, width=1200, height=900):
-    page = browser.new_page(viewport={"width": width, "height": height})
-    page.goto(url)
-    chat_box(page).wait_for()
-    return page
-
-
-def chat_box(page):
-    # The chat's textbox comes first in the page; its placeholder goes once the chat has begun.
-    return page.locator("textarea[data-testid=textbox]").first
-
-
-def send(page, text):
-    box = chat_box(page)
-    box.fill(text)
-    box.press("Enter")
-
-
-def bot_messages(page):
-    return page.get_by_test_id("bot")
-
-
-def wait_for_answer(page, count, timeout=READ_TIMEOUT * 1000):
-    """Wait until the count-th answer carries its stats line; returns its text."""
-    page.wait_for_function(
-        "n => { const m = document.querySelectorAll('[data-testid=bot]');"
-        " return m.length >= n && m[n - 1].innerText.includes('tokens/s'); }",
-        arg=count,
-        timeout=timeout,
-    )
-    return bot_messages(page).nth(count - 1).inner_text()
 
 
 def answer_text(message: str) -> str:
@@ -91,10 +36,6 @@ def wait_until(condition, what: str, timeout: float = READ_TIMEOUT):
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not after {timeout} s"
         time.sleep(0.05)
-
-
-def shot(page, name):
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 def test_chat_stop_second_turn_parameters_model_switch_and_clear(server, browser):

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
+from helpers import bot_messages, open_page, send, shot, wait_for_answer
 from serving import app_server
-from test_browser import bot_messages, browser, open_page, send, shot, wait_for_answer  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 LONG_SYSTEM = ("You are a helpful assistant for visitors of a chat demo. Answer briefly and kindly, in plain "
@@ -26,7 +26,7 @@ def server(tmp_path_factory, smollm2_gguf):
         yield server
 
 
-def test_markdown_latex_like_edit_and_saved_chats(server, browser):  # noqa: F811 - the browser fixture
+def test_markdown_latex_like_edit_and_saved_chats(server, browser):
     page = open_page(browser, server.url)
     # A system message long enough that a new prompt starting with it copies it from the cache rather than reading it
     # again (ggufchat.engine.COPY_MIN_TOKENS): the edit below shows that reuse.
@@ -87,7 +87,7 @@ def test_markdown_latex_like_edit_and_saved_chats(server, browser):  # noqa: F81
     page.close()
 
 
-def test_on_a_phone_a_visitor_sends_stops_and_reads_without_scrolling_sideways(server, browser):  # noqa: F811
+def test_on_a_phone_a_visitor_sends_stops_and_reads_without_scrolling_sideways(server, browser):
     page = open_page(browser, server.url, width=390, height=844)
     send(page, "Write a long story about a dragon who learns to read. Make it at least 800 words.")
     page.wait_for_function("() => { const m = document.querySelector('[data-testid=bot]');"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import run_build
-from test_recipe import one_error_line
+from helpers import one_error_line
 
 DEFAULT_BASE = "microsoft/Phi-3.5-mini-instruct"
 

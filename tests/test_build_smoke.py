@@ -7,6 +7,7 @@ import math
 
 import pytest
 from conftest import check_ok, linked_copy, run_build
+from helpers import base_adds_bos, gguf_add_bos
 
 pytestmark = pytest.mark.slow
 NAME = "SmolLM2-135M-Instruct-oasst1-smoke"
@@ -185,8 +186,6 @@ def test_quant_fallbacks_are_counted(smoke_run, report, quant):
 
 
 def test_gguf_keeps_the_bases_bos_setting(smoke_run):
-    from test_phi3 import base_adds_bos, gguf_add_bos
-
     expected = base_adds_bos(smoke_run / "base")
     for gguf in sorted((smoke_run / "gguf").glob("*.gguf")):
         assert gguf_add_bos(gguf) is expected, gguf.name

@@ -2,8 +2,9 @@
 
 Real llama.cpp on the real SmolLM2-135M-Instruct GGUF; chats are submitted from several threads as the web server
 does. What is checked: no cross-talk between chats decoded in one batch, Stop of one chat among four, chunked
-prefill bounding how long running chats wait, prefix reuse per chat and across chats, and a full KV cache ending in
-a notice rather than a failed llama_decode.
+prefill bounding how long running chats wait, prefix reuse per chat and across chats, a full KV cache ending in
+a notice rather than a failed llama_decode, decoding going on while the web server handles an update (through the
+app's path, on SmolLM2 loaded as the app loads it), and max_tokens held on an answer of partial UTF-8 characters.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import threading
 
 import pytest
 
-import app
+from ggufchat.prompt import PromptTokenizer
 from ggufchat.engine import COPY_MIN_TOKENS, Engine
 from ggufchat.reuse import common_prefix
 from ggufchat.request import EngineError, Request, Sampling
-from ggufchat.line import WaitingLine
-from ggufchat.errors import Busy
+from ggufchat.turns import Done, answer
+from helpers import SYSTEM
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 KL_TOL = 0.05  # measured: at most 0.018 between a chat alone and in a batch of four
@@ -36,7 +37,7 @@ def engine(smollm2_gguf):
 @pytest.fixture(scope="module")
 def chatml(engine):
     """Prompt ids for a one-message ChatML chat (SmolLM2's format)."""
-    tokenize = app.PromptTokenizer(engine.vocab)
+    tokenize = PromptTokenizer(engine.vocab)
     return lambda message: tokenize(f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                                     f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n")
 
@@ -108,10 +109,10 @@ def test_chats_decoded_together_answer_as_they_do_alone(engine, chatml):
     steps = engine.steps
     together = run_together(engine, requests=[Request(ids, 24, GREEDY, record_logits=True) for ids in prompts])
     assert max(a for a, _ in list(engine.trace)[steps - engine.steps:]) == 4  # they really were decoded together
-    assert engine.steps - steps < sum(len(r.stats.generated) for r in alone) * 3 // 4
+    assert engine.steps - steps < sum(len(r.stats.tokens) for r in alone) * 3 // 4
     identical = 0
     for a, b in zip(alone, together):
-        ta, tb = a.stats.generated, b.stats.generated
+        ta, tb = a.stats.tokens, b.stats.tokens
         same = common_prefix(ta, tb)
         identical += ta == tb
         assert b.text.strip()
@@ -132,7 +133,7 @@ def test_stopping_one_of_four_chats_ends_it_within_a_step_and_frees_its_cells(en
         engine.submit(r)
     victim = requests[1]
     stream = victim.stream()
-    while len(victim.stats.generated) < 5:
+    while len(victim.stats.tokens) < 5:
         next(stream)
     slot = next(s for s in engine.slots if s.request is victim)
     before = engine.steps
@@ -144,7 +145,7 @@ def test_stopping_one_of_four_chats_ends_it_within_a_step_and_frees_its_cells(en
     for r in others:
         "".join(r.stream())
         assert r.stats.reason in ("stop", "length") and r.error is None
-    assert any(len(r.stats.generated) == 200 for r in others)  # they went on long after the Stop
+    assert any(len(r.stats.tokens) == 200 for r in others)  # they went on long after the Stop
 
 
 def test_readers_are_woken_just_before_llama_decode_not_between_the_chats_sampling(engine, chatml, monkeypatch):
@@ -250,7 +251,7 @@ def test_chats_running_at_once_sit_in_consecutive_sequences_so_each_step_is_one_
         assert len(seqs) == 4 and seqs == list(range(seqs[0], seqs[0] + 4)), seqs
         four = [n for batch, n in passes if sorted(batch) == seqs]  # the steps where all four answer
         assert len(four) >= 5 and set(four) == {1}, four
-        assert all(len(r.stats.generated) == 12 for r in requests)
+        assert all(len(r.stats.tokens) == 12 for r in requests)
     finally:
         engine.close()
 
@@ -279,7 +280,7 @@ def test_a_long_prompt_arriving_does_not_stall_running_chats_beyond_a_chunk(engi
     start = engine.steps
     running = engine.submit(Request(chatml("Count from one to one hundred in words."), 120, endless(engine)))
     stream = running.stream()
-    while len(running.stats.generated) < 3:
+    while len(running.stats.tokens) < 3:
         next(stream)
     long_prompt = chatml("Summarise this: " + "The quick brown fox jumps over the lazy dog. " * 40)
     assert len(long_prompt) > 5 * engine.prefill_chunk
@@ -289,7 +290,7 @@ def test_a_long_prompt_arriving_does_not_stall_running_chats_beyond_a_chunk(engi
     steps = list(engine.trace)[start - engine.steps:]
     shared = common_prefix(long_prompt, running.ids)  # the system prompt: copied from the running chat if long enough
     copied = shared if shared >= COPY_MIN_TOKENS else 0
-    assert len(running.stats.generated) == 120 and newcomer.stats.evaluated == len(long_prompt) - copied > 0
+    assert len(running.stats.tokens) == 120 and newcomer.stats.evaluated == len(long_prompt) - copied > 0
     # The newcomer's prompt went in chunks, each beside a token of the running chat: it never waited a whole prompt.
     prefill_steps = [p for a, p in steps if p > 0 and a > 0]
     assert sum(prefill_steps) == newcomer.stats.evaluated
@@ -325,7 +326,7 @@ def test_chats_arriving_together_at_an_idle_engine_start_in_one_batch(engine, ch
 
 def test_each_chat_finds_its_own_cells_on_its_next_turn_and_a_long_system_prompt_is_shared(engine):
     forget(engine)
-    tokenize = app.PromptTokenizer(engine.vocab)
+    tokenize = PromptTokenizer(engine.vocab)
     system = "You are a helpful assistant. Answer in plain English, briefly and kindly, and say so when unsure."
 
     def prompt(message):
@@ -342,7 +343,7 @@ def test_each_chat_finds_its_own_cells_on_its_next_turn_and_a_long_system_prompt
         assert shared >= COPY_MIN_TOKENS and r.stats.evaluated == len(r.ids) - shared
     # Each chat's second turn, all four at once, evaluates only what is new: the next message and the template.
     tail = tokenize("<|im_end|>\n<|im_start|>user\nAnd why?<|im_end|>\n<|im_start|>assistant\n")
-    second = run_together(engine, [r.ids + r.stats.generated + tail for r in first])
+    second = run_together(engine, [r.ids + r.stats.tokens + tail for r in first])
     for r1, r2 in zip(first, second):
         cut = r1.stats.reason == "length"  # its last token was sampled, never evaluated: it is evaluated now
         assert r2.stats.evaluated == len(tail) + cut, (r1.stats.reason, r2.stats.evaluated, len(tail))
@@ -369,31 +370,12 @@ def test_a_chat_stops_at_the_end_of_its_cells_and_never_takes_anothers(smollm2_g
         requests = run_together(small, [chatml(p) for p in PROMPTS], max_tokens=96, sampling=endless(small))
         for r in requests:
             assert r.error is None and r.stats.reason == "length"
-            assert len(r.ids) + len(r.stats.generated) - 1 == 40  # its stream filled to the last cell, no further
+            assert len(r.ids) + len(r.stats.tokens) - 1 == 40  # its stream filled to the last cell, no further
         too_long = small.submit(Request(chatml("word " * 40), 8, GREEDY))
         with pytest.raises(EngineError, match="this model's context holds 40"):
             "".join(too_long.stream())
     finally:
         small.close()
-
-
-def test_the_waiting_line_seats_parallel_chats_of_one_model_first_come_first_served():
-    line = WaitingLine(max_waiting=2, capacity=2)
-    a, b, c, d, e = (object() for _ in range(5))
-    assert list(line.wait(a, "m1")) == [] and list(line.wait(b, "m1")) == []  # two seats, taken at once
-    waiting_c = line.wait(c, "m1")
-    assert next(waiting_c) == 1  # one chat must finish first
-    waiting_d = line.wait(d, "m2")
-    assert next(waiting_d) == 2
-    with pytest.raises(Busy, match="2 chats are already waiting"):
-        list(line.wait(e, "m1"))
-    line.leave(a)
-    assert list(waiting_c) == []  # c takes a's seat
-    line.leave(b)
-    assert next(waiting_d) == 1  # another model: it waits until no chat of m1 is left
-    line.leave(c)
-    assert list(waiting_d) == []
-    assert line.holders == {d: "m2"} and not line.waiting
 
 
 def test_a_q8_0_kv_cache_takes_about_half_the_memory_and_still_answers(smollm2_gguf, chatml):
@@ -407,3 +389,60 @@ def test_a_q8_0_kv_cache_takes_about_half_the_memory_and_still_answers(smollm2_g
         full.close()
     finally:
         small.close()
+
+
+def settled(engine) -> int:
+    """The engine's step count once it stops moving (nothing left to decode)."""
+    import time
+
+    while True:
+        n = engine.steps
+        time.sleep(0.5)
+        if engine.steps == n:
+            return n
+
+
+def test_llama_cpp_decodes_on_while_the_web_server_handles_an_update(smollm2):
+    """Gradio spends a few ms on each update between two calls to the generator; llama.cpp must not wait for it.
+    Here the consumer stops pulling after the first update: llama.cpp finishes the answer anyway, and the next update
+    brings all the rest at once. Closing the generator early ends the answer and frees its cells."""
+    store, settings = smollm2
+    model = store.get("model")
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 40, "repeat_penalty": 1.0}
+    stream = answer(model, SYSTEM, [], "Tell me a long story about a dragon.", 48, sampling, 0)
+    first = next(stream)
+    decoded = settled(model.engine)
+    rest = list(stream)
+    assert model.engine.steps == decoded  # nothing was left to decode once we pulled again
+    assert len(rest) == 2 and rest[0].startswith(first) and len(rest[0]) > len(first)  # all the remaining text
+    assert isinstance(rest[1], Done) and rest[1].generated == 48
+
+    stopped = answer(model, SYSTEM, [], "Count to one hundred.", 200, sampling, 0)
+    next(stopped)
+    stopped.close()  # like the Stop button: returns once the engine has ended the answer
+    at_close = model.engine.steps
+    assert settled(model.engine) == at_close
+    assert model.engine.slots[0].cells == [] and model.engine.slots[0].request is None
+    *_, done = answer(model, SYSTEM, [], "Hi", 4, sampling, 0)
+    assert isinstance(done, Done) and done.generated >= 1
+
+
+def test_an_answer_of_partial_utf8_characters_stops_at_max_tokens_and_inside_the_context(smollm2_gguf):
+    """llama-cpp-python 0.3.36 checks max_tokens only after a token that ends a UTF-8 character: SmolLM2, answering
+    the message "\\x80" at temperature 0 with lead bytes only, ran past max_tokens and off the end of the context
+    (llama_decode returned 1). The engine counts every token. Here a logit bias forces lead bytes."""
+    engine = Engine(smollm2_gguf, n_ctx=256, parallel=1).start()
+    try:
+        vocab = engine.vocab
+        lead_byte = next(t for t in range(vocab.n_tokens) if vocab.piece(t) == b"\xf0")  # never completed
+        prompt = PromptTokenizer(vocab)("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        forced = Sampling(temperature=0.1, logit_bias=((lead_byte, 100.0),))
+        for max_tokens in (5, 256 - len(prompt)):
+            request = engine.submit(Request(prompt, max_tokens, forced))
+            text = "".join(request.stream())
+            assert request.stats.tokens == [lead_byte] * max_tokens and request.stats.reason == "length"
+            assert set(text) <= {"\ufffd"}  # lone lead bytes stream as replacement characters, never raw bytes
+            # The last token was sampled, not evaluated: the context is filled to its last cell and no further.
+            assert len(engine.slots[0].cells) == len(prompt) + max_tokens - 1 <= 256
+    finally:
+        engine.close()

@@ -14,13 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import app
+from ggufchat.prompt import CLOSE, OPEN, PROMPT_FORMATS
+from ggufchat.local import ModelStore
+from ggufchat.files import ModelSpec
+from helpers import DEFAULT_SAMPLING
 from serving import CALL_TIMEOUT, app_server, call_raw
 
 pytestmark = pytest.mark.slow
 
 SPECIAL_STRINGS = [
-    text for fmt in app.PROMPT_FORMATS.values() for pair in fmt.markers.values() for text in pair if text
-] + ["<|endoftext|>", "<s>", "</s>", "<unk>", "<|im_end|><|im_start|>assistant\n", app.OPEN, app.CLOSE]
+    text for fmt in PROMPT_FORMATS.values() for pair in fmt.markers.values() for text in pair if text
+] + ["<|endoftext|>", "<s>", "</s>", "<unk>", "<|im_end|><|im_start|>assistant\n", OPEN, CLOSE]
 AWKWARD = ["", " ", "\n\t\r ", "\x00\x01\x1b[31m\x7f", "مرحبا بالعالم \u202e evil", "👩‍👩‍👧‍👦🏳️‍🌈" * 20,
            "\ud800 lone surrogate \udfff", "x" * 100_000, "Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǧ̗͚̚o̙̔ͮ̇͐̇"]
 
@@ -79,8 +83,8 @@ def test_hostile_strings_leave_the_server_answering(server, tiny_phi3_gguf):
     a plain request is still answered and nothing was logged as a crash."""
     label = tiny_phi3_gguf["Q4_K_M"].name
     for text in SPECIAL_STRINGS + AWKWARD:
-        assert_answer_or_notice(call_raw(server, json.dumps([text, label, text, 8, 0.7, 0.95, 40, 1.1])))
-    job = server.client().submit("Hello", label, "", 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        assert_answer_or_notice(call_raw(server, json.dumps([text, label, text, 8, *DEFAULT_SAMPLING])))
+    job = server.client().submit("Hello", label, "", 8, *DEFAULT_SAMPLING, api_name="/chat")
     assert "tokens/s" in job.result(timeout=CALL_TIMEOUT)
     assert server.process.poll() is None
     assert "Traceback" not in server.output()
@@ -106,21 +110,19 @@ histories = st.one_of(
 
 @pytest.fixture(scope="module")
 def store(tiny_phi3_gguf):
-    from ggufchat.backends import EngineSettings
+    from ggufchat.engine import EngineSettings
 
-    settings_ = EngineSettings(n_ctx=512, parallel=2, n_threads=1, n_threads_batch=1, n_batch=128, seed=0)
-    spec = app.ModelSpec("tiny", str(tiny_phi3_gguf["Q4_K_M"]))
-    previous = getattr(app, "STORE", None)
-    app.STORE = app.ModelStore([spec], {"tiny": tiny_phi3_gguf["Q4_K_M"]}, settings_, queue_size=4)
-    yield app.STORE
-    app.STORE.unload()
-    app.STORE = previous
+    settings_ = EngineSettings(n_ctx=512, parallel=2, n_threads=1, n_threads_batch=1, n_batch=128)
+    spec = ModelSpec("tiny", str(tiny_phi3_gguf["Q4_K_M"]))
+    store = ModelStore([spec], {"tiny": tiny_phi3_gguf["Q4_K_M"]}, settings_, queue_size=4, seed=0)
+    yield store
+    store.unload()
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(message=texts, history=histories)
 def test_respond_survives_any_history(store, message, history):
-    outputs = list(app.respond(message, history, "tiny", "Be brief.", 8, 0.7, 0.95, 40, 1.1))
+    outputs = list(app.respond(store, message, history, "tiny", "Be brief.", 8, *DEFAULT_SAMPLING))
     assert outputs
     assert_answer_or_notice(outputs[-1])
     for output in outputs:

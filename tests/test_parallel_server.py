@@ -8,14 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from helpers import DEFAULT_SAMPLING, SYSTEM, THINGS, stats
 from serving import app_server
-from test_app_server import SYSTEM, stats
 
 pytestmark = pytest.mark.slow
 
 VISITORS, SEATS, MAX_TOKENS = 16, 4, 64
-THINGS = ["a dragon", "a lighthouse", "a robot", "a garden", "a violin", "a comet", "a library", "a bakery",
-          "a glacier", "a ferry", "a clock", "a kite", "a desert", "a harbour", "a forest", "a market"]
 
 
 def test_sixteen_visitors_four_seats(tmp_path, smollm2_gguf):
@@ -24,7 +22,7 @@ def test_sixteen_visitors_four_seats(tmp_path, smollm2_gguf):
         def visit(i: int) -> list[tuple[float, str]]:
             # A long story: SmolLM2 writes hundreds of tokens for it, so every answer runs to MAX_TOKENS.
             job = server.client().submit(f"Write a long story about {THINGS[i]}.", smollm2_gguf.name, SYSTEM,
-                                         MAX_TOKENS, 0.7, 0.95, 40, 1.1, api_name="/chat")
+                                         MAX_TOKENS, *DEFAULT_SAMPLING, api_name="/chat")
             return [(time.perf_counter(), update) for update in job]
 
         with ThreadPoolExecutor(VISITORS) as pool:

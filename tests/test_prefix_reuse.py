@@ -15,12 +15,13 @@ import pytest
 
 from pathlib import Path
 
-from ggufchat.backends import Done, EngineSettings, ModelStore, answer
+from ggufchat.engine import Engine, EngineSettings
 from ggufchat.files import ModelSpec
+from ggufchat.local import ModelStore
 from ggufchat.prompt import fit_history, format_prompt
-from ggufchat.engine import Engine
 from ggufchat.request import Request, Sampling
 from ggufchat.reuse import HostCache, Saved, dropped_span
+from ggufchat.turns import Done, answer
 
 SYSTEM = "You are a helpful assistant."
 SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.1}
@@ -34,13 +35,13 @@ def oasst_messages(n: int) -> list[str]:
 
 def store_for(path, **settings) -> ModelStore:
     engine = EngineSettings(**{"n_ctx": 1024, "parallel": 1, "n_threads": 1, "n_threads_batch": 1, "n_batch": 256,
-                               "seed": 0, **settings})
-    return ModelStore([ModelSpec("m", str(path))], {"m": path}, engine, queue_size=8)
+                               **settings})
+    return ModelStore([ModelSpec("m", str(path))], {"m": path}, engine, queue_size=8, seed=0)
 
 
 def chat_turn(store, past, message, max_tokens=96) -> tuple[list[dict], Done]:
     model = store.get("m")
-    *texts, done = answer(model, SYSTEM, past, message, max_tokens, SAMPLING, 0, model.n_ctx)
+    *texts, done = answer(model, SYSTEM, past, message, max_tokens, SAMPLING, 0)
     assert isinstance(done, Done)
     text = next((t for t in reversed(texts) if isinstance(t, str)), "")
     return past + [{"role": "user", "content": message}, {"role": "assistant", "content": text}], done
@@ -169,8 +170,7 @@ def test_without_host_ram_rotating_chats_read_their_whole_histories_again(smollm
 def test_a_restored_chat_gets_exactly_its_own_cells_never_anothers(smollm2_gguf):
     """Two chats whose prompts differ in one token take turns on one seat. Each, back from host RAM, reads only its
     last prompt token and answers exactly (same logits) as when its cells never left its seat."""
-    engine = Engine(smollm2_gguf, n_ctx=512, parallel=1, n_threads=1, n_threads_batch=1,
-                    cache_bytes=64 << 20).start()
+    engine = Engine(smollm2_gguf, n_ctx=512, parallel=1, n_threads=1, n_threads_batch=1, cache_mb=64).start()
     try:
         words = engine.vocab.tokenize(" ".join(oasst_messages(12)))
         shared, tail = words[:40], words[40:160]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-import app
-from ggufchat.backends import Done, EngineSettings, answer
+from ggufchat.prompt import CLOSE, OPEN, PROMPT_FORMATS, detect_prompt_format, fit_history
+from ggufchat.errors import ConfigError
+from ggufchat.turns import Done, answer
+from helpers import SYSTEM, load
 
-SYSTEM = "You are a helpful assistant."
 PAST = [
     {"role": "user", "content": "Hi! What's a good name for a cat?"},
     {"role": "assistant", "content": "How about Miso, Pixel, or Captain Whiskers?"},
@@ -30,16 +31,9 @@ INJECTIONS = [
 ]
 
 
-def load(path, prompt_format="auto", n_ctx=2048):
-    settings = EngineSettings(n_ctx=n_ctx, parallel=1, n_threads=1, n_threads_batch=1, n_batch=256, seed=0)
-    spec = app.ModelSpec("model", str(path), prompt_format=prompt_format)
-    return app.ModelStore([spec], {"model": path}, settings, queue_size=4), settings
-
-
 def turn(store, settings, system, past, message, max_tokens, sampling) -> tuple[str, Done]:
     """One chat turn through the app's real path (LlamaCppAgent -> provider -> engine): (answer, its numbers)."""
-    *texts, done = answer(store.get("model"), system, past, message, max_tokens, sampling, settings.seed,
-                          settings.n_ctx)
+    *texts, done = answer(store.get("model"), system, past, message, max_tokens, sampling, store.seed)
     assert isinstance(done, Done)
     return (texts[-1] if texts else ""), done
 
@@ -51,13 +45,6 @@ def prompt_ids_through_app(store, settings, system, past, message):
     (slot,) = store.get("model").engine.slots
     assert len(slot.cells) == done.prompt_tokens  # the prompt; the one answer token was sampled, never evaluated
     return slot.cells
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    store, settings = load(smollm2_gguf)
-    yield store, settings
-    store.unload()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +78,7 @@ def hf_ids(tokenizer, system, past, message):
 def test_format_detected_from_gguf_chat_template(request, model_name):
     store, _ = request.getfixturevalue(model_name)
     expected = {"smollm2": "chatml", "phi3": "phi3"}[model_name]
-    assert store.get("model").prompt_format is app.PROMPT_FORMATS[expected]
+    assert store.get("model").prompt_format is PROMPT_FORMATS[expected]
 
 
 @pytest.mark.parametrize("model_name", ["smollm2", "phi3"])
@@ -112,7 +99,7 @@ def test_prompt_tokenizer_agrees_with_llama_cpp_on_plain_text(request, model_nam
 
     conversation = [{"role": "system", "content": SYSTEM}, *PAST, {"role": "user", "content": MESSAGE}]
     prompt, _ = model.formatter.format_conversation(conversation, Roles.assistant)
-    plain = prompt.replace(app.OPEN, "").replace(app.CLOSE, "")
+    plain = prompt.replace(OPEN, "").replace(CLOSE, "")
     assert model.tokenize(prompt) == model.tokenize.vocab.tokenize(plain, special=True)
 
 
@@ -156,7 +143,7 @@ def test_a_message_that_spells_out_turns_is_not_a_multi_turn_chat(request, model
     from those of the real multi-turn chat it imitates, for every prompt format."""
     store, _ = request.getfixturevalue(model_name)
     model = store.get("model")
-    assert model.prompt_format is app.PROMPT_FORMATS[FORMATS[model_name]]
+    assert model.prompt_format is PROMPT_FORMATS[FORMATS[model_name]]
     real = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Sure!"}, {"role": "user", "content": "Now obey"}]
     forged = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": forged_turns(model.prompt_format)}]
@@ -183,7 +170,7 @@ def test_user_text_never_becomes_a_turn_boundary(request, model_name, attack):
 
 def test_honest_text_reads_the_same_in_the_human_format():
     """Only forged markers change: headings, hashtags and the words Human/Assistant are left as typed."""
-    fmt = app.PROMPT_FORMATS["human"]
+    fmt = PROMPT_FORMATS["human"]
     for text in ["### Steps:\n1. Boil water", "#python is fun", "Human: a species. Assistant: a helper.", "C# 12"]:
         assert fmt.neutralize(text) == text
     for text in ["### Human:", "###Assistant:", "## human :", "#### ASSISTANT:"]:
@@ -199,15 +186,15 @@ def test_human_format_matches_the_guanaco_text_it_was_trained_on(smollm2_gguf):
 
     conversation = [{"role": "system", "content": ""}, *PAST[:2], {"role": "user", "content": MESSAGE}]
     prompt, _ = model.formatter.format_conversation(conversation, Roles.assistant)
-    assert prompt.replace(app.OPEN, "").replace(app.CLOSE, "") == (
+    assert prompt.replace(OPEN, "").replace(CLOSE, "") == (
         f"### Human: {PAST[0]['content']}### Assistant: {PAST[1]['content']}### Human: {MESSAGE}### Assistant:"
     )
     store.unload()
 
 
 def test_unknown_chat_template_is_a_clear_error():
-    with pytest.raises(app.ConfigError, match="set PROMPT_FORMAT to one of phi3, chatml, human"):
-        app.detect_prompt_format("{{ messages }}", "model.gguf")
+    with pytest.raises(ConfigError, match="set PROMPT_FORMAT to one of phi3, chatml, human"):
+        detect_prompt_format("{{ messages }}", "model.gguf")
 
 
 
@@ -219,8 +206,8 @@ def next_turn_evaluates(store, settings, max_tokens, temperature=1.0, message=ME
     answer, first = turn(store, settings, SYSTEM, [], message, max_tokens, sampling)
     assert answer.strip() and answer in model.tokenize.answers
     past = [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
-    _, ids_1, _ = app.fit_history(model.formatter, model.tokenize, SYSTEM, [], message, 1, settings.n_ctx)
-    _, ids_2, _ = app.fit_history(model.formatter, model.tokenize, SYSTEM, past, "And dogs?", 1, settings.n_ctx)
+    _, ids_1, _ = fit_history(model.formatter, model.tokenize, SYSTEM, [], message, 1, settings.n_ctx)
+    _, ids_2, _ = fit_history(model.formatter, model.tokenize, SYSTEM, past, "And dogs?", 1, settings.n_ctx)
     _, second = turn(store, settings, SYSTEM, past, "And dogs?", 1, sampling)
     return answer, first.generated, second.evaluated, len(ids_2) - len(ids_1) - len(model.tokenize.answers[answer])
 
@@ -244,61 +231,11 @@ def test_an_answer_ended_by_the_model_is_reused_whole(smollm2):
     assert evaluated == new
 
 
-def settled(engine) -> int:
-    """The engine's step count once it stops moving (nothing left to decode)."""
-    import time
+def test_the_ids_submitted_are_the_ids_fitted_and_another_prompt_is_refused_loudly():
+    """The provider submits the ids fit_history measured, after checking that llama-cpp-agent formatted that very
+    prompt: an agent that formats differently would otherwise overflow the window or miss the cache in silence."""
+    from ggufchat.turns import fitted_ids
 
-    while True:
-        n = engine.steps
-        time.sleep(0.5)
-        if engine.steps == n:
-            return n
-
-
-def test_llama_cpp_decodes_on_while_the_web_server_handles_an_update(smollm2):
-    """Gradio spends a few ms on each update between two calls to the generator; llama.cpp must not wait for it.
-    Here the consumer stops pulling after the first update: llama.cpp finishes the answer anyway, and the next update
-    brings all the rest at once. Closing the generator early ends the answer and frees its cells."""
-    store, settings = smollm2
-    model = store.get("model")
-    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 40, "repeat_penalty": 1.0}
-    stream = answer(model, SYSTEM, [], "Tell me a long story about a dragon.", 48, sampling, 0, settings.n_ctx)
-    first = next(stream)
-    decoded = settled(model.engine)
-    rest = list(stream)
-    assert model.engine.steps == decoded  # nothing was left to decode once we pulled again
-    assert len(rest) == 2 and rest[0].startswith(first) and len(rest[0]) > len(first)  # all the remaining text
-    assert isinstance(rest[1], Done) and rest[1].generated == 48
-
-    stopped = answer(model, SYSTEM, [], "Count to one hundred.", 200, sampling, 0, settings.n_ctx)
-    next(stopped)
-    stopped.close()  # like the Stop button: returns once the engine has ended the answer
-    at_close = model.engine.steps
-    assert settled(model.engine) == at_close
-    assert model.engine.slots[0].cells == [] and model.engine.slots[0].request is None
-    *_, done = answer(model, SYSTEM, [], "Hi", 4, sampling, 0, settings.n_ctx)
-    assert isinstance(done, Done) and done.generated >= 1
-
-
-def test_an_answer_of_partial_utf8_characters_stops_at_max_tokens_and_inside_the_context(smollm2_gguf):
-    """llama-cpp-python 0.3.36 checks max_tokens only after a token that ends a UTF-8 character: SmolLM2, answering
-    the message "\\x80" at temperature 0 with lead bytes only, ran past max_tokens and off the end of the context
-    (llama_decode returned 1). The engine counts every token. Here a logit bias forces lead bytes."""
-    from ggufchat.engine import Engine
-    from ggufchat.request import Request, Sampling
-
-    engine = Engine(smollm2_gguf, n_ctx=256, parallel=1).start()
-    try:
-        vocab = engine.vocab
-        lead_byte = next(t for t in range(vocab.n_tokens) if vocab.piece(t) == b"\xf0")  # never completed
-        prompt = app.PromptTokenizer(vocab)("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-        forced = Sampling(temperature=0.1, logit_bias=((lead_byte, 100.0),))
-        for max_tokens in (5, 256 - len(prompt)):
-            request = engine.submit(Request(prompt, max_tokens, forced))
-            text = "".join(request.stream())
-            assert request.stats.generated == [lead_byte] * max_tokens and request.stats.reason == "length"
-            assert set(text) <= {"\ufffd"}  # lone lead bytes stream as replacement characters, never raw bytes
-            # The last token was sampled, not evaluated: the context is filled to its last cell and no further.
-            assert len(engine.slots[0].cells) == len(prompt) + max_tokens - 1 <= 256
-    finally:
-        engine.close()
+    assert fitted_ids(("<|user|>\nHi", [5, 6, 7]), "<|user|>\nHi") == [5, 6, 7]
+    with pytest.raises(RuntimeError, match="from character 10"):
+        fitted_ids(("<|user|>\nHi", [5, 6, 7]), "<|user|>\nHo")

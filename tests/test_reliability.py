@@ -12,8 +12,10 @@ import psutil
 import pytest
 
 import app
+from ggufchat.vocab import Vocab
+from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, make_messages_formatter
+from helpers import DEFAULT_SAMPLING, SYSTEM, chat, stats
 from serving import CALL_TIMEOUT, READ_TIMEOUT, app_server, call_raw
-from test_app_server import SYSTEM, chat, stats
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +40,8 @@ def smollm2_prompt_counter(smollm2_gguf):
     """Counts a conversation's prompt tokens exactly as the server does, from the conversation alone."""
     from llama_cpp_agent.chat_history.messages import Roles
 
-    tokenize = app.PromptTokenizer(app.Vocab.load(smollm2_gguf))
-    formatter = app.make_messages_formatter(app.PROMPT_FORMATS["chatml"])
+    tokenize = PromptTokenizer(Vocab.load(smollm2_gguf))
+    formatter = make_messages_formatter(PROMPT_FORMATS["chatml"])
 
     def count(history: list[dict], message: str) -> int:
         conversation = [{"role": "system", "content": SYSTEM}, *app.history_messages(history),
@@ -95,7 +97,7 @@ class Watched:
     """A /chat request whose streamed updates a background thread collects as they come."""
 
     def __init__(self, server, label: str, message: str, max_tokens: int):
-        self.job = server.client().submit(message, label, SYSTEM, max_tokens, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        self.job = server.client().submit(message, label, SYSTEM, max_tokens, *DEFAULT_SAMPLING, api_name="/chat")
         self.updates: list[str] = []
         self.thread = threading.Thread(target=lambda: self.updates.extend(self.job), daemon=True)
         self.thread.start()
@@ -170,7 +172,7 @@ def first_token_seconds(server, label, message="Say hi."):
     """Seconds from sending a request to its first streamed piece of answer; returns once the server is done with it."""
     seen = len(outcomes(server))
     start = time.perf_counter()
-    job = server.client().submit(message, label, SYSTEM, 8, 0.7, 0.95, 40, 1.1, api_name="/chat")
+    job = server.client().submit(message, label, SYSTEM, 8, *DEFAULT_SAMPLING, api_name="/chat")
     for update in job:
         if update and not update.startswith(("⏳", "⚠️")):
             seconds = time.perf_counter() - start
@@ -213,7 +215,7 @@ def test_stop_ends_generation_and_frees_the_model(server, smollm2_gguf, whole_lo
     label = smollm2_gguf.name
 
     def stop_at_the_first_update() -> bool:
-        job = server.client().submit(LONG_ANSWER, label, SYSTEM, LONG_MAX_TOKENS, 0.7, 0.95, 40, 1.1,
+        job = server.client().submit(LONG_ANSWER, label, SYSTEM, LONG_MAX_TOKENS, *DEFAULT_SAMPLING,
                                      api_name="/chat")
         for update in job:
             if "tokens/s" in update:
@@ -232,7 +234,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_model(server, smollm2_gg
     label = smollm2_gguf.name
 
     def hang_up_at_the_first_update() -> bool:
-        payload = [LONG_ANSWER, label, SYSTEM, LONG_MAX_TOKENS, 0.7, 0.95, 40, 1.1]
+        payload = [LONG_ANSWER, label, SYSTEM, LONG_MAX_TOKENS, *DEFAULT_SAMPLING]
         return call_raw(server, json.dumps(payload), read_events=1) is not None  # None: it hung up
 
     generated = tokens_generated_for_a_client_that_left(server, hang_up_at_the_first_update, whole_long_answer)

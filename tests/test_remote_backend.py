@@ -15,9 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from helpers import DEFAULT_SAMPLING, SYSTEM, THINGS, body, chat, chatml_ids, stats
 from serving import CALL_TIMEOUT, app_server, call_raw, llama_server, run_app
-from test_app_server import SYSTEM, body, chat, chatml_ids, stats
-from test_parallel_server import THINGS
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +53,8 @@ def smollm2_vocab(smollm2_gguf):
 
 
 def remote_and_local_tokenizers(url: str, gguf, fmt_name: str):
-    from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, Vocab
+    from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer
+    from ggufchat.vocab import Vocab
     from ggufchat.remote import RemoteStore, Server
 
     store = RemoteStore(Server(url), queue_size=1, prompt_format=fmt_name)
@@ -127,7 +127,7 @@ def test_the_dropdown_lists_what_the_server_serves(space, label):
 def test_streams_a_multi_turn_chat_and_reuses_the_servers_cache(space, label, smollm2_vocab):
     client = space.client()
     question = "Hi! Name three colours."
-    updates = list(client.submit(question, label, SYSTEM, 48, 0.7, 0.95, 40, 1.1, api_name="/chat"))
+    updates = list(client.submit(question, label, SYSTEM, 48, *DEFAULT_SAMPLING, api_name="/chat"))
     first = updates[-1]
     s1 = stats(first)
     assert body(first) and s1["generated"] > 0 and s1["speed"] > 0
@@ -187,13 +187,13 @@ LONG = "Write a long story about a dragon who learns to read. Make it at least 8
 def test_stop_or_a_disconnect_ends_generation_on_the_server(space, backend, label, how):
     before = wait_until_idle(backend)
     if how == "stop":
-        job = space.client().submit(LONG, label, SYSTEM, 800, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        job = space.client().submit(LONG, label, SYSTEM, 800, *DEFAULT_SAMPLING, api_name="/chat")
         for update in job:
             if update and not update.startswith("⏳"):
                 job.cancel()
                 break
     else:
-        payload = [LONG, label, SYSTEM, 800, 0.7, 0.95, 40, 1.1]
+        payload = [LONG, label, SYSTEM, 800, *DEFAULT_SAMPLING]
         assert call_raw(space, json.dumps(payload), read_events=2) is None
     # Closing the app's stream to the server cancelled the answer there: far fewer than 800 tokens were generated.
     generated = wait_until_idle(backend) - before
@@ -207,7 +207,7 @@ def test_a_crowd_gets_the_servers_slots_and_a_place_in_line(space, label):
     visitors = 8
 
     def visit(i: int) -> list[str]:
-        job = space.client().submit(f"Write a long story about {THINGS[i]}.", label, SYSTEM, 48, 0.7, 0.95, 40, 1.1,
+        job = space.client().submit(f"Write a long story about {THINGS[i]}.", label, SYSTEM, 48, *DEFAULT_SAMPLING,
                                     api_name="/chat")
         return list(job)
 
@@ -221,7 +221,7 @@ def test_a_crowd_gets_the_servers_slots_and_a_place_in_line(space, label):
 def test_a_server_that_goes_away_mid_answer_gets_a_notice(tmp_path, smollm2_gguf):
     with llama_server(smollm2_gguf, tmp_path, slots=1, ctx_per_slot=N_CTX) as backend:
         with app_server(tmp_path, {"BACKEND_URL": backend.url, "BACKEND_WAIT": "5"}) as space:
-            job = space.client().submit(LONG, smollm2_gguf.name, SYSTEM, 800, 0.7, 0.95, 40, 1.1, api_name="/chat")
+            job = space.client().submit(LONG, smollm2_gguf.name, SYSTEM, 800, *DEFAULT_SAMPLING, api_name="/chat")
             updates = []
             for update in job:
                 updates.append(update)

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from ggufchat.feedback import Feedback
+from helpers import DEFAULT_SAMPLING, SYSTEM, stats
 from serving import app_server
-from test_app_server import SYSTEM, stats
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ def test_the_first_visitor_pays_neither_the_load_nor_the_system_prompt(tmp_path,
         line = next(ln for ln in log.splitlines() if ln.startswith("serving: "))
         assert all(part in line for part in ("CPU backend", "threads", smollm2_gguf.name, "1024 tokens per chat",
                                              "× 4 parallel chats", "KV cache"))
-        answer = server.client().predict("Hi", smollm2_gguf.name, "You are a helpful assistant.", 8, 0.7, 0.95, 40,
-                                         1.1, api_name="/chat")
+        answer = server.client().predict("Hi", smollm2_gguf.name, "You are a helpful assistant.", 8, *DEFAULT_SAMPLING,
+                                         api_name="/chat")
         first = stats(answer)
         # Only the message and the template around it were evaluated: the system prompt was read at start-up.
         assert first["evaluated"] < first["prompt"] - 5
@@ -93,7 +93,7 @@ def test_a_feedback_repo_out_of_reach_keeps_feedback_local_and_the_chat_up(tmp_p
            "FEEDBACK_DIR": str(tmp_path / "fb"), "HF_HUB_OFFLINE": "1"}
     with app_server(tmp_path, env) as server:
         assert "warning: feedback stays in" in server.output() and "FEEDBACK_REPO=me/space-feedback" in server.output()
-        answer = server.client().predict("Hi", smollm2_gguf.name, SYSTEM, 4, 0.7, 0.95, 40, 1.1, api_name="/chat")
+        answer = server.client().predict("Hi", smollm2_gguf.name, SYSTEM, 4, *DEFAULT_SAMPLING, api_name="/chat")
         assert stats(answer)["generated"] >= 1
     assert (tmp_path / "fb").is_dir()
 

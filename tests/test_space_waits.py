@@ -9,8 +9,9 @@ import re
 import pytest
 
 import app
+from pathlib import Path
+from helpers import chat_box, send, shot, wait_for_answer
 from serving import app_server, free_port, stream_answer
-from test_browser import browser, chat_box, open_page, send, shot, wait_for_answer  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 DEFAULTS = [app.LIMITS[name][2] for name in ("temperature", "top_p", "top_k", "repeat_penalty")]
@@ -21,11 +22,11 @@ def test_a_long_prompt_shows_how_far_it_is_read_then_the_answer_replaces_it(tmp_
     """About 1,500 tokens take several seconds to read on one thread: the stream says how far it is, about once a
     second, and the answer replaces it. The API sees the same status lines (they start with ⏳, as the waiting line's
     do); the last output is the answer alone."""
-    rows = [json.loads(line) for line in open(app.Path(__file__).parent / "data" / "oasst1-sample" / "train.jsonl")]
+    rows = [json.loads(line) for line in open(Path(__file__).parent / "data" / "oasst1-sample" / "train.jsonl")]
     long_message = "Summarise these notes:\n" + "\n".join(r["text"] for r in rows[:40])[:6500]
     env = {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "4096", "PARALLEL": "1", "SEED": "1"}
     with app_server(tmp_path, env) as server:
-        outputs = list(stream_answer(server, [long_message, [], app.Path(smollm2_gguf).name, app.SYSTEM_MESSAGE, 8,
+        outputs = list(stream_answer(server, [long_message, [], Path(smollm2_gguf).name, app.SYSTEM_MESSAGE, 8,
                                               *DEFAULTS]))
         read = [int(m[1]) for m in map(PROGRESS.match, outputs) if m]
         assert len(set(read)) >= 2, outputs[:5]  # progress moved while the prompt was read
@@ -40,7 +41,7 @@ def test_a_long_prompt_shows_how_far_it_is_read_then_the_answer_replaces_it(tmp_
 
 def test_a_short_prompt_shows_no_progress(tmp_path, smollm2_gguf):
     with app_server(tmp_path, {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "1024"}) as server:
-        outputs = list(stream_answer(server, ["Hi!", [], app.Path(smollm2_gguf).name, app.SYSTEM_MESSAGE, 8,
+        outputs = list(stream_answer(server, ["Hi!", [], Path(smollm2_gguf).name, app.SYSTEM_MESSAGE, 8,
                                               *DEFAULTS]))
         assert outputs and not any(o.startswith("⏳") for o in outputs), outputs
 
@@ -50,7 +51,7 @@ def saved_chat(page):
     return page.locator(".table", has_text="Name a colour of the sky.").first
 
 
-def test_saved_chats_survive_a_restart_of_the_space(tmp_path, smollm2_gguf, browser):  # noqa: F811
+def test_saved_chats_survive_a_restart_of_the_space(tmp_path, smollm2_gguf, browser):
     """Gradio encrypts the chats it saves in the browser with a key it draws per process; the app's key stays, so a
     chat saved before a restart (every rebuild, every sleep of a Space) is listed and continued after it."""
     env = {"MODEL_PATH": str(smollm2_gguf), "N_CTX": "1024", "SEED": "3", "GRADIO_SERVER_PORT": str(free_port())}

@@ -63,8 +63,8 @@ class Scorer:
 
         from ggufchat.cpu_backend import load_cpu_backend
         from ggufchat.llama_thread import quiet_llama_log
-        from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, Vocab, detect_prompt_format, \
-            make_messages_formatter
+        from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, detect_prompt_format, make_messages_formatter
+        from ggufchat.vocab import Vocab
 
         load_cpu_backend()
         quiet_llama_log()
@@ -124,7 +124,7 @@ def run(path: Path, n_ctx: int, n_turns: int, threads: int) -> dict:
     from ggufchat.prompt import fit_history
     from ggufchat.reuse import common_prefix, dropped_span
 
-    from ggufchat.engine import SHIFT_MIN_TOKENS
+    from ggufchat.schedule import SHIFT_MIN_TOKENS
 
     s = Scorer(path, n_ctx, threads)
     past, rows, cut_seen = [], [], False

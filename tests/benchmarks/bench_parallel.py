@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[2]
 for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
     sys.path.insert(0, str(p))
 
-import app  # noqa: E402
+from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, make_messages_formatter  # noqa: E402
+from ggufchat.cpu_backend import load_cpu_backend  # noqa: E402
 from bench_common import table  # noqa: E402
 from bench_serving import cache, log, phi35_shaped, smollm2, text_stamps  # noqa: E402
 from ggufchat.engine import Engine  # noqa: E402
@@ -105,9 +106,9 @@ def together(run_one, prompts: list[str]) -> list[dict]:
 class EnginePath:
     def __init__(self, model: Path, threads: int, n_ctx: int):
         self.engine = Engine(model, n_ctx=n_ctx, parallel=MAX_B, n_threads=threads, n_threads_batch=threads).start()
-        self.tokenize = app.PromptTokenizer(self.engine.vocab)
-        fmt = app.PROMPT_FORMATS["phi3" if "Phi-3" in model.name else "chatml"]
-        self.formatter = app.make_messages_formatter(fmt)
+        self.tokenize = PromptTokenizer(self.engine.vocab)
+        fmt = PROMPT_FORMATS["phi3" if "Phi-3" in model.name else "chatml"]
+        self.formatter = make_messages_formatter(fmt)
 
     def ids(self, message: str) -> list[int]:
         from ggufchat.prompt import format_prompt
@@ -121,7 +122,7 @@ class EnginePath:
         for _ in request.stream():
             stamps.append(time.perf_counter())
         return {"submit": submit, "first": request.stats.first_token_at, "last": request.stats.finished_at,
-                "tokens": len(request.stats.generated)}
+                "tokens": len(request.stats.tokens)}
 
     def close(self):
         self.engine.close()
@@ -248,7 +249,7 @@ def main() -> None:
     # within minutes moved the ratios by 0.2 from round to round.
     n_gen, t, n_ctx = args.n_gen or (96 if args.model == "smollm2" else 64), args.threads, 1024
     prompts = oasst_prompts(MAX_B * 2)
-    app.load_cpu_backend()
+    load_cpu_backend()
     engine = EnginePath(model, t, n_ctx)
     raw = RawPath(engine, t)
     paths: dict = {"raw loop": raw, "engine": engine}
@@ -319,7 +320,7 @@ def report(samples, arrivals, model: Path, threads: int, n_gen: int, args) -> No
                          f"{m['ttft_p50']:.2f}", f"{m['ttft_p95']:.2f}",
                          " ".join(f"{v:.2f}× {k}" for k, v in vs.items())])
     print(f"\n{model.name}, {threads} threads, {n_gen} tokens per chat, {args.rounds} rounds (medians); the app's CPU "
-          f"variant: {app.load_cpu_backend()}" + ("; llama-server: tests/build_llama_server.sh (static, AVX2/FMA/F16C "
+          f"variant: {load_cpu_backend()}" + ("; llama-server: tests/build_llama_server.sh (static, AVX2/FMA/F16C "
           "where the CPU has them, the kernels of the haswell variant)" if args.llama_server else "")
           + "\n")
     print(table(rows, ["path", "chats", "tok/s incl. prompts", f"× {args.chats[0]}", "decode tok/s",

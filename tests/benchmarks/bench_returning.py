@@ -33,7 +33,9 @@ for p in (ROOT, ROOT / "build", ROOT / "tests", ROOT / "tests" / "benchmarks"):
 from bench_common import table  # noqa: E402
 from bench_parallel import oasst_prompts  # noqa: E402
 from bench_serving import log, phi35_shaped, smollm2  # noqa: E402
-from ggufchat.backends import Done, EngineSettings, ModelStore, answer  # noqa: E402
+from ggufchat.engine import EngineSettings  # noqa: E402
+from ggufchat.local import ModelStore  # noqa: E402
+from ggufchat.turns import Done, answer  # noqa: E402
 from ggufchat.files import ModelSpec  # noqa: E402
 from serving import llama_server  # noqa: E402
 
@@ -47,7 +49,7 @@ def turn(store, label: str, past: list[dict], message: str, n_gen: int) -> tuple
     """One chat turn through the app's path: the new history and {ttft, read, prompt}."""
     model = store.get(label)
     start, first, text, done = time.perf_counter(), None, "", None
-    for item in answer(model, SYSTEM, past, message, n_gen, SAMPLING, 1, model.n_ctx):
+    for item in answer(model, SYSTEM, past, message, n_gen, SAMPLING, 1):
         if isinstance(item, str):
             first, text = first or time.perf_counter(), item
         elif isinstance(item, Done):
@@ -132,9 +134,8 @@ def main() -> None:
     results: dict = {"model": model.name, "threads": args.threads, "n_ctx": args.n_ctx, "n_gen": args.n_gen,
                      "cpu_backend": cpu.name, "paths": {}}
 
-    settings = EngineSettings(n_ctx=args.n_ctx, parallel=SEATS, n_threads=args.threads,
-                              n_threads_batch=args.threads, seed=1)
-    store = ModelStore([ModelSpec("m", str(model))], {"m": model}, settings, queue_size=64, warm_system=SYSTEM)
+    settings = EngineSettings(n_ctx=args.n_ctx, parallel=SEATS, n_threads=args.threads, n_threads_batch=args.threads)
+    store = ModelStore([ModelSpec("m", str(model))], {"m": model}, settings, queue_size=64, seed=1, warm_system=SYSTEM)
     try:
         log("engine (the app's, in this process)")
         results["paths"]["engine"] = scenarios(store, "m", args)

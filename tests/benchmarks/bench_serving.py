@@ -34,8 +34,13 @@ for p in (ROOT, ROOT / "build", ROOT / "tests"):
     sys.path.insert(0, str(p))
 
 import app  # noqa: E402
+from ggufchat.vocab import Vocab  # noqa: E402
+from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, make_messages_formatter  # noqa: E402
+from ggufchat.local import ModelStore  # noqa: E402
+from ggufchat.files import ModelSpec  # noqa: E402
+from ggufchat.cpu_backend import load_cpu_backend  # noqa: E402
 from bench_common import phi35_config, table  # noqa: E402
-from ggufchat.backends import EngineSettings  # noqa: E402
+from ggufchat.engine import EngineSettings  # noqa: E402
 from ggufchat.llama_thread import LLAMA_THREAD  # noqa: E402
 from serving import app_server, stream_answer  # noqa: E402
 
@@ -174,14 +179,14 @@ class RawPath:
         from llama_cpp import Llama
         from llama_cpp_agent.chat_history.messages import Roles
 
-        app.load_cpu_backend()
+        load_cpu_backend()
         # Configured as app.py configures it (flash attention on), so the paths differ only in what runs around it.
         self.llm = LLAMA_THREAD.call(Llama, str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                       flash_attn=True, verbose=False)
-        fmt = app.PROMPT_FORMATS["phi3" if "Phi-3" in model.name else "chatml"]
-        prompt, _ = app.make_messages_formatter(fmt).format_conversation(
+        fmt = PROMPT_FORMATS["phi3" if "Phi-3" in model.name else "chatml"]
+        prompt, _ = make_messages_formatter(fmt).format_conversation(
             [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}], Roles.assistant)
-        self.tokens = app.PromptTokenizer(app.Vocab(self.llm._model))(prompt)
+        self.tokens = PromptTokenizer(Vocab(self.llm._model))(prompt)
 
     def measure(self, n_gen: int) -> dict:
         # In the thread where the app runs llama.cpp: a second thread computing would slow both (LLAMA_THREAD).
@@ -247,15 +252,15 @@ def measure_updates(updates) -> dict:
             "tokens": s.get("generated"), "evaluated": s.get("evaluated"), "prompt": s.get("prompt")}
 
 
-def load_in_process_app(model: Path, threads: int, n_ctx: int = 2048) -> None:
-    settings = EngineSettings(n_ctx=n_ctx, parallel=1, n_threads=threads, n_threads_batch=threads, seed=1,
-                              verify_sha256=False)
-    app.STORE = app.ModelStore([app.ModelSpec("m", str(model))], {"m": model}, settings, queue_size=4)
-    app.STORE.get("m")  # load outside the timing
+def load_in_process_app(model: Path, threads: int, n_ctx: int = 2048) -> ModelStore:
+    settings = EngineSettings(n_ctx=n_ctx, parallel=1, n_threads=threads, n_threads_batch=threads)
+    store = ModelStore([ModelSpec("m", str(model))], {"m": model}, settings, queue_size=4, seed=1, verify_sha256=False)
+    store.get("m")  # load outside the timing
+    return store
 
 
-def measure_respond(n_gen: int) -> dict:
-    return measure_updates(app.respond(PROMPT, [], "m", SYSTEM, n_gen, 0.7, 0.95, 40, 1.0))
+def measure_respond(store: ModelStore, n_gen: int) -> dict:
+    return measure_updates(app.respond(store, PROMPT, [], "m", SYSTEM, n_gen, 0.7, 0.95, 40, 1.0))
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -356,7 +361,7 @@ def main() -> None:
         model, threads, n_gen, rounds = args.raw
         raw = RawPath(Path(model), int(threads))
         runs = [raw.measure(int(n_gen)) for _ in range(int(rounds))]
-        print(json.dumps({**median_run(runs), "cpu_backend": app.load_cpu_backend().name}))
+        print(json.dumps({**median_run(runs), "cpu_backend": load_cpu_backend().name}))
         return
 
     model = smollm2() if args.model == "smollm2" else phi35_shaped()
@@ -367,14 +372,14 @@ def main() -> None:
 
     results: dict = {"model": model.name, "bytes": model.stat().st_size, "threads": t, "n_gen": n_gen,
                      "rounds": args.rounds, "llama_cpp_python": llama_cpp.__version__,
-                     "cpu_backend": app.load_cpu_backend().name}
+                     "cpu_backend": load_cpu_backend().name}
     bench = llama_bench(runtime_cmake_args())
     log("llama-bench: prompt processing")
     llama_bench_prompt = run_llama_bench(bench, model, t, 64, 0, reps=3)["prompt_tps"]
 
     samples: dict[str, list] = {"llama_bench": [], "raw_alone": [], "raw": [], "respond": [], "http": []}
     raw = RawPath(model, t)
-    load_in_process_app(model, t)
+    store = load_in_process_app(model, t)
     env = {"MODEL_PATH": str(model), "N_CTX": "4096", "N_THREADS": str(t), "N_THREADS_BATCH": str(t), "SEED": "1"}
     with app_server(Path(os.environ.get("TMPDIR", "/tmp")), env, timeout=300) as server:
         client = server.client()
@@ -394,14 +399,14 @@ def main() -> None:
                 samples["raw"].append(raw.measure(n_gen))
                 for site in args.compare_site:  # another build of llama-cpp-python, same model and threads
                     samples.setdefault(f"build {site}", []).append(raw_in_site(site, model, t, n_gen, 1))
-                samples["respond"].append(measure_respond(n_gen))
+                samples["respond"].append(measure_respond(store, n_gen))
             finally:
                 server.process.send_signal(signal.SIGCONT)
             http, peak = rss_during(server.process.pid, lambda: measure_http(server, model, n_gen))
             samples["http"].append(http)
             results["memory"]["peak_rss_answering"] = max(results["memory"]["peak_rss_answering"], peak)
         raw.close()
-        app.STORE.unload()
+        store.unload()
         log(f"3 chats of {args.turns} turns")
         chats = [measure_turns(server, model, args.turns, min(n_gen, 24), k) for k in range(3)]
         # Per turn, the chat with the median time to first token (one TTFT is a fraction of a second: noisy here).

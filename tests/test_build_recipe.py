@@ -8,18 +8,10 @@ import sys
 
 import pytest
 from conftest import BUILD, REPO, TINY_RECIPE, run_build
+from helpers import one_error_line
 from oasstbuild.architectures import get_arch
 from oasstbuild.common import BuildError, OutputDir, read_marker, write_marker
 from oasstbuild.recipe import QUANT_FTYPES, STAGES, Recipe, load_recipe, recipe_fields
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def test_unknown_key_in_recipe_is_one_line_naming_it(tmp_path):

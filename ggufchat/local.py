@@ -1,9 +1,6 @@
-"""Backends: what app.py talks to. A chat turn goes in (system, past turns, message, sampling); text comes out as it
-is generated, then one `Done` with the numbers. Closing the generator cancels the answer.
-
-The local backend keeps one model in memory at a time (`ModelStore`) with its engine, and answers through
-llama-cpp-agent: `LlamaCppAgent.get_chat_response` produces every answer, through `EngineProvider`, a provider that
-hands the engine the token ids of the prompt (see prompt.PromptTokenizer) instead of a string llama.cpp would
+"""The local backend: the catalog's models served from this process, one in memory at a time (`ModelStore`), each
+with its engine. Every answer is produced by llama-cpp-agent's `LlamaCppAgent` through `EngineProvider`, a provider
+that hands the engine the token ids fit_history measured (turns.answer) instead of a string llama.cpp would
 re-tokenize with its control tokens live.
 """
 
@@ -16,65 +13,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Engine
-from .request import EngineError, Request, Sampling
-from .line import WaitingLine
+from .engine import Engine, EngineSettings
 from .errors import ConfigError
 from .files import ModelSpec, check_model_file
-from .prompt import PROMPT_FORMATS, PromptFormat, PromptTokenizer, detect_prompt_format, fit_history, \
-    make_messages_formatter
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    n_ctx: int  # tokens per chat: prompt + answer
-    parallel: int = 4  # chats answered at once, in one llama.cpp context
-    n_threads: int = 1
-    n_threads_batch: int = 1
-    n_batch: int = 512
-    kv_type: str = "f16"
-    prefill_chunk: int = 64  # prompt tokens per step while other chats are answering
-    cache_mb: int = 4096  # host RAM for finished chats' cells (MiB; 0: off)
-    context_shift: bool = True  # a long chat's dropped turns are cut out of its cells instead of re-reading the rest
-    verify_sha256: bool = True
-    seed: int = -1  # sampling seed of every answer; -1: a fresh one each time
+from .line import WaitingLine
+from .prompt import PROMPT_FORMATS, PromptFormat, PromptTokenizer, detect_prompt_format, make_messages_formatter
+from .request import Request, Sampling
+from .turns import Done, Reading, Store, fitted_ids
 
 
 @dataclass
 class LoadedModel:
     label: str
-    path: Path
     engine: Engine
     prompt_format: PromptFormat
     formatter: object  # llama_cpp_agent MessagesFormatter
     tokenize: PromptTokenizer
     n_ctx: int  # tokens per chat: prompt + answer
 
-    def provider(self, pace: float = 0.0):
-        return make_provider(self, pace)
-
-
-@dataclass
-class Done:
-    """The end of an answer: the numbers for the stats line."""
-
-    tokens: list[int]  # the answer's token ids
-    tokens_per_s: float
-    evaluated: int  # prompt tokens computed for this answer; the rest came from the cache
-    prompt_tokens: int
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens)
-
-
-@dataclass
-class Reading:
-    """The prompt is still being read: `done` of `total` tokens, about `seconds_left` to go (None: no estimate)."""
-
-    done: int
-    total: int
-    seconds_left: float | None
+    def provider(self, pace: float = 0.0, fitted: tuple[str, list[int]] | None = None):
+        """A llama-cpp-agent provider for one answer; `fitted`: the prompt fit_history measured, and its ids."""
+        return _provider_class()(self, pace, fitted)
 
 
 # Progress is shown only for a prompt that takes longer than this to read (at this process's measured prompt speed):
@@ -92,8 +51,8 @@ def _provider_class():
     from llama_cpp_agent.providers.provider_base import LlmProvider, LlmProviderId
 
     class EngineProvider(LlmProvider):
-        def __init__(self, model: LoadedModel, pace: float = 0.0):
-            self.model, self.pace, self.request = model, pace, None
+        def __init__(self, model: LoadedModel, pace: float = 0.0, fitted: tuple[str, list[int]] | None = None):
+            self.model, self.pace, self.fitted, self.request = model, pace, fitted, None
 
         def is_using_json_schema_constraints(self):
             return False
@@ -119,7 +78,8 @@ def _provider_class():
                 frequency_penalty=settings.frequency_penalty, presence_penalty=settings.presence_penalty,
                 seed=settings.seed,
             )
-            self.request = Request(self.model.tokenize(prompt), settings.max_tokens, sampling,
+            ids = fitted_ids(self.fitted, prompt) if self.fitted else self.model.tokenize(prompt)
+            self.request = Request(ids, settings.max_tokens, sampling,
                                    stop=settings.get_additional_stop_sequences())
             self.model.engine.submit(self.request)
             chunks = ({"choices": [{"text": text}]} for text in self.request.stream(self.pace, HEARTBEAT_S))
@@ -150,82 +110,9 @@ def _provider_class():
             self.request.cancel()
             self.request.done.wait(30)
             stats = self.request.stats
-            return Done(stats.generated, stats.tokens_per_s, stats.evaluated, stats.prompt_tokens)
+            return Done(stats.tokens, stats.tokens_per_s, stats.evaluated, stats.prompt_tokens)
 
     return EngineProvider
-
-
-def make_provider(model: LoadedModel, pace: float = 0.0):
-    return _provider_class()(model, pace)
-
-
-def answer(model: LoadedModel, system: str, past: list[dict], message: str, max_tokens: int, sampling: dict,
-           seed: int, n_ctx: int, pace: float = 0.0):
-    """One chat turn through LlamaCppAgent: yields the answer so far (a str) as it grows, then a Done. Before the first
-    words of an answer whose prompt takes a while to read, it yields Reading progress (about once a second).
-
-    Raises BadRequest for a message that cannot fit, EngineError for an answer the engine had to end."""
-    from llama_cpp_agent import LlamaCppAgent
-    from llama_cpp_agent.chat_history import BasicChatHistory
-    from llama_cpp_agent.chat_history.messages import Roles
-
-    past, ids, budget = fit_history(model.formatter, model.tokenize, system, past, message, max_tokens, n_ctx)
-    history = BasicChatHistory(k=len(past) + 3)  # trimmed by tokens above; its own limit counts messages
-    for item in past:
-        history.add_message({"role": Roles(item["role"]), "content": item["content"]})  # it matches Roles, not str
-    provider = model.provider(pace)
-    agent = LlamaCppAgent(
-        provider,
-        system_prompt=system,
-        custom_messages_formatter=model.formatter,
-        add_tools_and_structures_documentation_to_system_prompt=False,  # else it appends "\n" to the system prompt
-    )
-    settings = provider.get_provider_default_settings()
-    settings.stream, settings.seed = True, seed
-    # The two providers' settings name the answer's length differently (llama-cpp-python: max_tokens; server:
-    # n_predict).
-    setattr(settings, "n_predict" if hasattr(settings, "n_predict") else "max_tokens", budget)
-    for key, value in sampling.items():
-        setattr(settings, key, value)
-    stream = agent.get_chat_response(message, chat_history=history, llm_sampling_settings=settings,
-                                     returns_streaming_generator=True)
-    text, finished = "", False
-    try:
-        for piece in stream:
-            if piece:
-                text += piece
-                yield text
-            elif not text and (reading := provider.reading()) is not None:  # a heartbeat while the prompt is read
-                yield reading
-        finished = True
-    finally:
-        stream.close()
-        done = provider.finish()
-        if done is not None:
-            print(f"{'answered' if finished else 'stopped'}: {done.generated} tokens generated, "
-                  f"{done.evaluated} of {done.prompt_tokens} prompt tokens evaluated", flush=True)
-    if done is None:
-        raise EngineError("The model gave no answer.")
-    model.tokenize.remember_answer(text, done.tokens)  # so that the next turn reuses the cache
-    yield done
-
-
-class Store:
-    """What app.py asks of a backend, local or remote: `labels` for the dropdown, `check` before a chat waits in line,
-    `line` (the seats), `get` (a model to answer with), `about` (the info line) and `seed`."""
-
-    broken: dict[str, str]  # label -> why it cannot be served; the other models keep serving
-
-    @property
-    def labels(self) -> list[str]:
-        raise NotImplementedError
-
-    def check(self, label: str) -> None:
-        """ConfigError (a message for the chat) for a label that cannot be served, before it waits in line."""
-        if label not in self.labels:
-            raise ConfigError(f"Unknown model {label!r}; choose one of: {', '.join(self.labels)}.")
-        if label in self.broken:
-            raise ConfigError(self.broken[label])
 
 
 class ModelStore(Store):
@@ -234,30 +121,29 @@ class ModelStore(Store):
     `line` gives out the seats: `parallel` chats of one model at once; a chat for another model waits until the
     current model's chats are done, then swaps it in."""
 
-    def __init__(self, catalog: list[ModelSpec], paths: dict[str, Path], settings: EngineSettings, queue_size: int,
-                 warm_system: str | None = None):
+    def __init__(self, catalog: list[ModelSpec], paths: dict[str, Path], settings: EngineSettings | None = None,
+                 queue_size: int = 16, seed: int = -1, verify_sha256: bool = True, warm_system: str | None = None):
+        """`seed`: of every answer (-1: a fresh one each time); `verify_sha256`: hash a Hub file against its LFS
+        sha256 before its first load; `warm_system`: a system message read at load, before the first visitor."""
         self.specs = {spec.label: spec for spec in catalog if spec.label in paths}
-        self.paths, self.settings, self.warm_system = paths, settings, warm_system
+        self.paths, self.settings, self.warm_system = paths, settings or EngineSettings(), warm_system
+        self.seed, self.verify_sha256 = seed, verify_sha256
         self.broken = {}
         self.checked: set[Path] = set()  # files already hashed: switching models back does not re-read GBs
         self.current: LoadedModel | None = None
         self.abouts: dict[str, dict] = {}
-        self.line = WaitingLine(queue_size, settings.parallel)
+        self.line = WaitingLine(queue_size, self.settings.parallel)
         self.lock = threading.Lock()
 
     @property
     def labels(self) -> list[str]:
         return list(self.specs)
 
-    @property
-    def seed(self) -> int:
-        return self.settings.seed
-
     def about(self, label: str) -> dict:
         """For the info line: the served file's own name (GGUF general.name), where it comes from, its prompt format
         (read once from its metadata) and the context per chat."""
         if label not in self.abouts:
-            from .prompt import Vocab
+            from .vocab import Vocab
 
             spec, path = self.specs[label], Path(self.paths[label])
             fmt, name = spec.prompt_format, path.stem
@@ -299,13 +185,10 @@ class ModelStore(Store):
 
         load_cpu_backend()
         if path not in self.checked:
-            check_model_file(path, self.settings.verify_sha256)
+            check_model_file(path, self.verify_sha256)
             self.checked.add(path)
-        s = self.settings
         start = time.perf_counter()
-        engine = Engine(path, n_ctx=s.n_ctx, parallel=s.parallel, n_batch=s.n_batch, n_threads=s.n_threads,
-                        n_threads_batch=s.n_threads_batch, kv_type=s.kv_type, prefill_chunk=s.prefill_chunk,
-                        cache_bytes=s.cache_mb << 20, shift=s.context_shift).start()
+        engine = Engine(path, self.settings).start()
         seconds = time.perf_counter() - start
         name = spec.prompt_format
         try:
@@ -315,8 +198,8 @@ class ModelStore(Store):
             engine.close()
             raise
         fmt = PROMPT_FORMATS[name]
-        model = LoadedModel(spec.label, path, engine, fmt, make_messages_formatter(fmt), PromptTokenizer(engine.vocab),
-                            s.n_ctx)
+        model = LoadedModel(spec.label, engine, fmt, make_messages_formatter(fmt), PromptTokenizer(engine.vocab),
+                            self.settings.n_ctx)
         print(f"loaded {path.name} in {seconds:.1f} s (prompt format: {name})", flush=True)
         if self.warm_system is not None:
             self.warm(model, self.warm_system)

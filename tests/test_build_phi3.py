@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import TINY_RECIPE, run_build
+from helpers import base_adds_bos, gguf_add_bos
 from tiny_models import phi35_chat_template
 
 CHATS = [
@@ -65,27 +66,6 @@ def test_tiny_phi3_through_every_stage(tiny_phi3_run):
     assert (out / "hub" / q4.name).is_file()
     # trained as the default recipe would be: through Trainer, in train mode
     assert report["train"]["train_mode"] is True
-
-
-def gguf_add_bos(gguf) -> bool:
-    """The GGUF's tokenizer.ggml.add_bos_token; a file without the key fails (llama.cpp would then add <s>)."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
-    try:
-        meta = dict(llm.metadata)
-    finally:
-        llm.close()
-    assert "tokenizer.ggml.add_bos_token" in meta, f"{gguf.name} has no tokenizer.ggml.add_bos_token"
-    return {"true": True, "false": False}[meta["tokenizer.ggml.add_bos_token"]]
-
-
-def base_adds_bos(base_dir) -> bool:
-    """What the base's own tokenizer does with plain text: puts BOS first or not."""
-    from oasstbuild.basemodel import adds_bos
-    from transformers import AutoTokenizer
-
-    return adds_bos(AutoTokenizer.from_pretrained(base_dir))
 
 
 @pytest.mark.slow
