@@ -1,5 +1,5 @@
 """Shared fixtures. Expensive things are built once per session; everything is real (TRL, PEFT, bitsandbytes,
-llama.cpp) except `FakeHfApi`, which stands in for the Hub's write API (unreachable here).
+llama.cpp) except the Hub, unreachable here: `FakeHfApi` stands in for its write API (README "Tests" lists all three).
 
 Fixtures other tests may use (all session-scoped):
 - oasst_sample -> Path: tests/data/oasst1-sample/train.jsonl (80 real oasst1 trees).

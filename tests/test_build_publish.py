@@ -1,6 +1,6 @@
 """Publishing: the exact hub/ folder and the Hub calls, a preflight that fails before training, and no token
-anywhere. `HfApi` is replaced by tests/conftest.py's FakeHfApi - the only fake in the suite: the Hub's write API
-cannot exist offline. Everything else here is the real build."""
+anywhere. `HfApi` is replaced by tests/conftest.py's FakeHfApi (the suite stands in only for the Hub: its write API
+cannot exist offline). Everything else here is the real build."""
 
 from __future__ import annotations
 
