@@ -39,7 +39,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "benchmarks"), str(ROOT / "build")]
+# ROOT: the build's oasstbuild imports the Space's ggufchat package (as build/run.py arranges).
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "benchmarks"), str(ROOT / "build"), str(ROOT)]
 RESULTS = ROOT / "tests" / "benchmarks" / "results"
 SAMPLE = ROOT / "tests" / "data" / "oasst1-sample" / "train.jsonl"
 
@@ -74,77 +75,131 @@ VARIANTS = {
               "gradient_accumulation_steps": "1"},
     "recipe": {},
 }
+# TORCH_LOGS artifacts whose lines are counted per run: a recompile or a graph break per step would make the
+# compiled recipe's tokens/s a measure of dynamo, not of the kernels (torch/_dynamo guards.py, symbolic_convert.py).
+TORCH_LOGS = "recompiles,graph_breaks"
+LOG_MARKS = {"recompiles": "Recompiling function", "graph_breaks": "Graph break in user code"}
 
 
-def run_variant(name: str, config_dir: Path, dataset: Path, steps: int, work: Path, sets: list[str],
-                base: Path | None = None) -> dict:
+def run_variant(name: str, config_dir: Path | None, dataset: Path, steps: int, work: Path, sets: list[str],
+                base: Path | None = None, recipe: str = "phi35-oasst1", max_length: int = 2048,
+                log_every: int = 5, logs: Path | None = None) -> dict:
+    """One build/run.py data,train run; its log goes to logs/NAME.log. A run that fails is recorded, not raised:
+    the table still shows what the other runs measured."""
     out = work / name
     source = {"random_init": "false", "model_name_or_path": str(base)} if base else {
         "random_init": "true", "config_name_or_path": str(config_dir)}
+    # logging_steps: a train-loss log syncs the GPU (loss.item()); logging every step would time the syncs too and
+    # favour whichever variant has fewer, longer steps. Tokens/s is measured over the second half of the log marks.
     overrides = {**source, "dataset": str(dataset),
-                 "max_steps": str(steps), "eval_steps": "100000", "save_steps": "100000", "logging_steps": "1",
-                 "max_length": "2048", "lora_r": "16", "eval_fraction": "0.02", **VARIANTS[name.split("-")[0]]}
+                 "max_steps": str(steps), "eval_steps": "100000", "save_steps": "100000",
+                 "logging_steps": str(log_every), "max_length": str(max_length), "lora_r": "16",
+                 "eval_fraction": "0.02", **VARIANTS[name.split("-")[0]]}
     overrides.update(s.split("=", 1) for s in sets)
-    args = [sys.executable, str(ROOT / "build" / "run.py"), "--recipe", "phi35-oasst1", "--stages", "data,train",
+    args = [sys.executable, str(ROOT / "build" / "run.py"), "--recipe", recipe, "--stages", "data,train",
             "--output-dir", str(out)]
     for key, value in overrides.items():
         args += [f"--{key}", value]
-    subprocess.run(args, check=True, cwd=ROOT)
+    logs = logs or work
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}.log"
+    env = {**os.environ, "TORCH_LOGS": TORCH_LOGS}
+    with open(log_path, "w") as log:
+        done = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    text = log_path.read_text(errors="replace")
+    counts = {key: text.count(mark) for key, mark in LOG_MARKS.items()}
+    if done.returncode != 0:
+        last = [line for line in text.splitlines() if line.strip()][-1:] or ["?"]
+        return {"error": f"exit {done.returncode}: {last[0][:300]}", "log": str(log_path), **counts,
+                "overrides": overrides}
     history = json.loads((out / "adapter" / "log_history.json").read_text())
     report = json.loads((out / "report.json").read_text())
+    train = report["train"]
     tokens = max(h.get("num_tokens", 0) for h in history)
     runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
-    return {"tokens": tokens, "seconds": runtime, "tokens_per_s": report["train"]["tokens_per_s"],
-            "tokens_per_s_with_warmup": tokens / runtime, "peak_gpu_bytes": report["train"].get("peak_gpu_bytes"),
-            "train_mode": report["train"].get("train_mode"),
-            "gradient_checkpointing": report["train"].get("gradient_checkpointing"), "overrides": overrides}
+    from oasstbuild.recipe import load_recipe
+
+    compiled = load_recipe(recipe, overrides).compile_decoder  # the same recipe and overrides the run had
+    return {"tokens": tokens, "seconds": runtime, "steps": train["steps"], "tokens_per_s": train["tokens_per_s"],
+            "tokens_per_s_with_warmup": tokens / runtime if runtime else None,
+            "peak_gpu_bytes": train.get("peak_gpu_bytes"),
+            # The allocator's reserve and the device's own count: bitsandbytes' paged optimizer state lives in CUDA
+            # managed memory, which max_memory_allocated never sees.
+            "peak_gpu_reserved_bytes": train.get("peak_gpu_reserved_bytes"),
+            "peak_device_used_bytes": train.get("peak_device_used_bytes"),
+            "compile": ("fell back to eager: " + train["compile_error"]) if train.get("compile_error")
+            else ("on" if compiled else "off"),
+            **counts, "train_mode": train.get("train_mode"),
+            "gradient_checkpointing": train.get("gradient_checkpointing"), "log": str(log_path),
+            "overrides": overrides}
+
+
+def rows(runs: dict) -> list[list]:
+    """Table rows, one per run; a run that failed or measured no rate says so instead of a number."""
+    out = []
+    for key, r in runs.items():
+        if "error" in r:
+            out.append([key, "failed", "", "", "", "", r["error"]])
+            continue
+        plain = runs.get(f"plain-{key.split('-', 1)[1]}") if "-" in key else None
+        rate, base_rate = r.get("tokens_per_s"), (plain or {}).get("tokens_per_s")
+        ratio = f"{rate / base_rate:.2f}" if rate and base_rate and plain is not r else ""
+        peaks = [r.get(k) for k in ("peak_gpu_bytes", "peak_gpu_reserved_bytes", "peak_device_used_bytes")]
+        peak = " / ".join(f"{p / 1e9:.1f}" if p else "?" for p in peaks) + " GB" if any(peaks) else "no GPU"
+        mode = ("train" if r.get("train_mode") else "EVAL") + (", ckpt" if r.get("gradient_checkpointing") else "")
+        compile_ = f"{r.get('compile', '?')} ({r.get('recompiles', 0)} recompiles, {r.get('graph_breaks', 0)} breaks)"
+        out.append([key, f"{rate:,.0f}" if rate else "no rate (< 4 log marks)", ratio, peak, mode, compile_,
+                    f"{r['tokens']:,.0f} in {r['seconds']:.0f} s"])
+    return out
+
+
+HEADER = ["run", "tokens/s", "x plain", "peak alloc / reserved / device", "mode", "compile", "tokens read (all)"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (the second half is timed)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the second half is timed)")
+    parser.add_argument("--log_every", type=int, default=5, help="steps between train-loss logs (each one syncs)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--datasets", nargs="+", choices=["fixed", "oasst"], default=["fixed", "oasst"])
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a recipe override for every run (e.g. optim=adamw_torch)")
     parser.add_argument("--base", type=Path, help="an HF folder of Phi-3.5-mini's shape to train (default: random "
                         "weights built from its config for each run)")
+    parser.add_argument("--recipe", default="phi35-oasst1", help="the recipe the 'recipe' variant is (name or path)")
+    parser.add_argument("--max_length", type=int, default=2048, help="sequence length (and packed row length)")
+    parser.add_argument("--cpu", action="store_true", help="run without CUDA too: exercises the plumbing (the GPU "
+                        "check's CPU rehearsal); the numbers mean nothing")
     parser.add_argument("--results", type=Path, default=RESULTS / "training.json", help="where the JSON goes")
+    parser.add_argument("--logs", type=Path, help="where each run's log goes (default: logs/ beside --results)")
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.cpu:
         print("bench_training: no CUDA device here; QLoRA throughput is measured on a GPU only. Skipped.")
         return
-    results = {"gpu": torch.cuda.get_device_name(0), "steps": args.steps, "runs": {}}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (plumbing only)"
+    results = {"gpu": gpu, "steps": args.steps, "runs": {}}
+    logs = args.logs or args.results.parent / "logs"
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_WORK")) as tmp:
         work = Path(tmp)
-        config_dir = phi35_config_dir(work / "phi35-config")
+        config_dir = None if args.base else phi35_config_dir(work / "phi35-config")
         paths = {"fixed": lambda: fixed_length_dataset(work / "fixed.jsonl"), "oasst": lambda: SAMPLE}
         for data in args.datasets:
             dataset = paths[data]()
             for variant in args.variants:
-                results["runs"][f"{variant}-{data}"] = run_variant(f"{variant}-{data}", config_dir, dataset,
-                                                                   args.steps, work, args.set, args.base)
+                key = f"{variant}-{data}"
+                results["runs"][key] = run_variant(key, config_dir, dataset, args.steps, work, args.set, args.base,
+                                                   args.recipe, args.max_length, args.log_every, logs)
                 # After each run: a run cut short by a time limit keeps what was measured before it.
                 args.results.parent.mkdir(parents=True, exist_ok=True)
                 args.results.write_text(json.dumps(results, indent=2))
-    print(f"\n{results['gpu']}, {args.steps} steps per run, seq 2048, LoRA r=16 on the 4 fused modules\n")
-    rows = []
-    for key, r in results["runs"].items():
-        plain = results["runs"].get(f"plain-{key.split('-')[1]}")
-        ratio = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}" if plain and r["tokens_per_s"] else ""
-        peak = f"{r['peak_gpu_bytes'] / 1e9:.1f} GB" if r["peak_gpu_bytes"] else "?"
-        mode = ("train" if r["train_mode"] else "EVAL") + (", ckpt" if r["gradient_checkpointing"] else "")
-        rows.append([key, f"{r['tokens_per_s'] or 0:,.0f}", ratio, peak, mode,
-                     f"{r['tokens']:,} in {r['seconds']:.0f} s"])
+    print(f"\n{results['gpu']}, {args.steps} steps per run, seq {args.max_length}, LoRA r=16 on every linear\n")
     from bench_common import table
 
-    print(table(rows, ["run", "tokens/s", "x plain", "peak", "mode", "tokens read (with warm-up)"]))
+    print(table(rows(results["runs"]), HEADER))
     print("\ngoal (one H200, train mode): the recipe >= 2x the plain shape's tokens/s at <= its peak memory. Earlier "
           "eval-mode figures (2026-11-28, not comparable): plain 12,498 tokens/s at 60.5 GB")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
