@@ -204,7 +204,9 @@ def _main(argv) -> int:
     # ---- Preflight: what can fail in seconds must not fail after hours of training -------------------------------
     if "train" in args.stages:
         preflight.check_cuda(recipe)
+    preflight.check_build_tools(args.stages)
     preflight.check_sources(recipe, args.stages, NEEDS_BASE)
+    preflight.check_merge_memory(recipe, args.stages)  # after check_sources: the base's config can be had
     if "publish" in args.stages and recipe.hub_repo and procs.is_main:
         publish.preflight(recipe)
     distributed.start(procs)

@@ -114,3 +114,20 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_phi3_hf, t
     assert len(resumed) == 5
     for a, b in zip(resumed, loss2):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (resumed, loss2)
+
+
+@pytest.mark.slow
+def test_bitsandbytes_optimizers_give_way_to_fused_adamw_under_several_processes(tiny_phi3_hf, tmp_path):
+    """The default recipe's paged 8-bit AdamW is untested with sharded checkpoints and resume: under several
+    processes the build says so and trains with torch's fused AdamW, and report.json names the optimizer used."""
+    out = tmp_path / "out"
+    proc = torchrun(
+        2, "--recipe", TINY_RECIPE, "--model_name_or_path", tiny_phi3_hf, "--optim", "paged_adamw_8bit",
+        "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--gradient_accumulation_steps", "2",
+        "--stages", "data,train", "--output-dir", out,
+    )  # fmt: skip
+    check_ok(proc)
+    line = "[train] optim: adamw_torch_fused instead of the recipe's paged_adamw_8bit under 2 processes"
+    assert proc.stderr.count(line) == 1, proc.stderr[-3000:]  # said once, by the main process
+    report = json.loads((out / "report.json").read_text())["train"]
+    assert report["optim"] == "adamw_torch_fused" and report["steps"] == 2

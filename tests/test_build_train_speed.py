@@ -143,9 +143,103 @@ def test_a_compile_failure_at_the_first_step_continues_eager(tiny_phi3_hf, tiny_
         torch._dynamo.reset()
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
-    assert "compile_decoder: torch.compile failed at the first step" in err and "continuing eager" in err
+    assert "compile_decoder: the compiled layers failed" in err and "training again from step 0, eager" in err
     report = json.loads((out / "report.json").read_text())["train"]
     assert report["steps"] == 2 and "forced compiler failure" in report["compile_error"]
+    # The step-0 eval runs the compiled layers first: the failure comes before step 1 is done.
+    assert report["compile_error"].endswith("at step 1")
+
+
+def failing_after_two_steps(tiny_phi3_hf, error: Exception):
+    """A torch.compile backend whose compiled layers run (as the eager graph) through two optimizer steps, then raise
+    `error` in the third, as a kernel recompiled for a new shape may. Counts training forwards: one per layer per
+    micro-batch (the tiny recipe: one micro-batch per step, no checkpointing recompute); evals run without grad."""
+    import json
+
+    import torch
+
+    layers = json.loads((tiny_phi3_hf / "config.json").read_text())["num_hidden_layers"]
+    calls = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            if torch.is_grad_enabled():
+                calls.append(1)
+                if len(calls) == 2 * layers + 1:
+                    raise error
+            return gm.forward(*args)
+
+        return run
+
+    return backend, calls
+
+
+def train_tiny(tiny_phi3_hf, out, *extra):
+    import run
+    import torch
+
+    # Checkpoints at step 2: the failed attempt leaves one behind that the eager run must not inherit.
+    args = ["--recipe", str(TINY_RECIPE), "--model_name_or_path", str(tiny_phi3_hf), "--stages", "data,train",
+            "--max_steps", "5", "--eval_steps", "2", "--save_steps", "2", "--output-dir", str(out), *extra]
+    try:
+        return run.main(args)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_runtime_failure_of_compiled_layers_in_the_first_steps_restarts_eager_from_step_0(
+    tiny_phi3_hf, tiny_data, monkeypatch, capsys
+):
+    """Compiled kernels can fail only when they first run, steps in (dynamic-shape recompiles): the run goes on eager
+    from step 0, from the same LoRA weights and random state, and ends as an eager run would have (dropout on)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    backend, calls = failing_after_two_steps(tiny_phi3_hf, RuntimeError("forced kernel failure"))
+    monkeypatch.setattr(train, "COMPILE_BACKEND", backend)
+    root = tiny_data.parent.parent
+    assert train_tiny(tiny_phi3_hf, root / "late-failure", "--compile_decoder", "true") == 0
+    err = capsys.readouterr().err
+    assert "the compiled layers failed: RuntimeError (forced kernel failure) at step 3" in err, err[-3000:]
+    assert "training again from step 0, eager" in err
+    n_calls = len(calls)
+    assert train_tiny(tiny_phi3_hf, root / "eager", "--compile_decoder", "false") == 0
+    assert len(calls) == n_calls  # (the eager run never touched the compiled layers)
+
+    retried, eager = (json.loads((root / d / "report.json").read_text())["train"] for d in ("late-failure", "eager"))
+    assert retried["compile_error"] == "RuntimeError (forced kernel failure) at step 3"
+    assert eager["compile_error"] is None
+    assert eager["optim"] == retried["optim"] == "adamw_torch"  # one process: the recipe's optimizer
+    if not torch.cuda.is_available():  # the GPU figures are None here, not 0
+        assert retried["peak_gpu_reserved_bytes"] is None and retried["peak_device_used_bytes"] is None
+    history = json.loads((root / "late-failure" / "adapter" / "log_history.json").read_text())
+    steps = [h["step"] for h in history if "loss" in h]
+    assert steps == [1, 2, 3, 4, 5]  # counted from 0 again, none twice
+    eager_history = json.loads((root / "eager" / "adapter" / "log_history.json").read_text())
+    assert [h["loss"] for h in history if "loss" in h] == [h["loss"] for h in eager_history if "loss" in h]
+    assert retried["best_step"] == eager["best_step"] and retried["eval_loss"] == eager["eval_loss"]
+    a, b = (load_file(root / d / "adapter" / "adapter_model.safetensors") for d in ("late-failure", "eager"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cuda_error_of_compiled_layers_is_one_sentence_and_no_retry(tiny_phi3_hf, tiny_data, monkeypatch, capsys):
+    """After a CUDA error (here its message, raised on the CPU) the process's CUDA context is dead: an eager retry in
+    it would fail at once, so the build stops and says how to rerun."""
+    backend, _ = failing_after_two_steps(tiny_phi3_hf, RuntimeError("CUDA error: misaligned address"))
+    monkeypatch.setattr(train, "COMPILE_BACKEND", backend)
+    out = tiny_data.parent.parent / "cuda-failure"
+    assert train_tiny(tiny_phi3_hf, out, "--compile_decoder", "true") == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1].split("\x1b[A")[-1]  # the last thing printed, after a progress bar's end
+    assert line.startswith("error: ") and "Traceback" not in err, err[-3000:]
+    assert "the compiled decoder layers hit a CUDA error at step 3" in line and "misaligned address" in line
+    assert "CUDA context cannot be used again" in line and "rerun with --compile_decoder false" in line
+    assert "training again" not in err
+    # Stopped where it failed: the compiled attempt's step-2 checkpoint is left as it was, and nothing came after it.
+    assert sorted(p.name for p in (out / "adapter" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / ".stages" / "train.json").exists()
 
 
 def test_training_releases_the_trainer_compiled_graphs_and_cuda_cache(tiny_phi3_hf, tiny_data, monkeypatch):

@@ -7,13 +7,20 @@ is publish.preflight.)
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
-from .common import BuildError
+from .common import BuildError, human_bytes
 from .recipe import Recipe, dataset_path
 
 HUB_TIMEOUT_S = 10  # a reachability check, not a download: fail fast on a machine without network
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu126"  # CUDA 12.6 wheels: drivers from 560 on
+# Host RAM the merge needs per parameter of the base: the float32 weights (4 bytes) plus its working set (the LoRA
+# weights, the check's logits, the copy in merge_dtype being saved). Phi-3.5-mini's 3.8B parameters: ~16.4 GB.
+MERGE_BYTES_PER_PARAM = 4.3
 
 
 def check_cuda(recipe: Recipe) -> None:
@@ -110,3 +117,102 @@ def check_sources(recipe: Recipe, stages: list[str], needs_base: set[str]) -> No
         if _looks_local(recipe.dataset):
             raise BuildError(f"dataset folder not found: {recipe.dataset}")
         _check_hub_source(recipe.dataset, "dataset", "dataset", "--dataset")
+
+
+def config_source(recipe: Recipe) -> str:
+    """Where the base's config comes from: a Hub id, a folder, a py:PACKAGE/FILE GGUF, or random_init's config."""
+    return (recipe.config_name_or_path or recipe.model_name_or_path) if recipe.random_init else recipe.model_name_or_path
+
+
+def base_parameters(recipe: Recipe) -> int | None:
+    """The base's parameter count, from its config alone (a model built on the meta device: nothing allocated, no
+    weights read). None when the config cannot be had here: a py:PACKAGE/FILE GGUF base (known once dequantized), or
+    a Hub base whose config cannot be fetched (check_sources reports why)."""
+    spec = config_source(recipe)
+    if spec.startswith("py:"):
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = Path(spec).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else spec)
+    except Exception:  # noqa: BLE001 - offline, unreachable, gated: check_sources has said which
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once, as they are stored
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), in bytes; None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_merge_memory(recipe: Recipe, stages: list[str], available_bytes: int | None = None) -> None:
+    """The merge runs on the CPU in float32: the base must fit in host RAM, or the merge would be killed (or swap for
+    hours) after all of training. available_bytes: None = this machine's MemAvailable."""
+    if "merge" not in stages:
+        return
+    available = mem_available() if available_bytes is None else available_bytes
+    params = base_parameters(recipe) if available is not None else None
+    if params is None:
+        return
+    needed = int(params * MERGE_BYTES_PER_PARAM)
+    if needed <= available:
+        return
+    count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    raise BuildError(
+        f"the merge stage needs about {human_bytes(needed)} of host RAM for the {count} parameters of the base "
+        f"{config_source(recipe)} in float32, but only {human_bytes(available)} is available: run it on a machine with "
+        "more RAM, or leave merge out of --stages here (e.g. --stages data,train) and run --stages merge,export,"
+        "quantize,evaluate,publish later on one that has it"
+    )
+
+
+def triton_compiler() -> str | None:
+    """The C compiler Triton would use, found as it looks (triton/runtime/build.py): $CC, else gcc, else clang."""
+    if os.environ.get("CC"):
+        words = shlex.split(os.environ["CC"])  # CC may carry flags ("gcc -m64"), as make allows
+        return shutil.which(words[0]) if words else None
+    return shutil.which("gcc") or shutil.which("clang")
+
+
+def python_headers() -> Path:
+    """Where Triton looks for Python.h: the default install scheme's include dir (posix_local read as posix_prefix,
+    as Triton does for Debian's Python)."""
+    scheme = sysconfig.get_default_scheme()
+    return Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+
+
+def check_build_tools(stages: list[str], cuda: bool | None = None) -> None:
+    """Training on CUDA runs Triton kernels even with compile_decoder off (TRL's fused loss head), and Triton builds
+    a small C launcher at first use: without a C compiler and Python's headers training dies at its first step.
+    cuda: None = whether torch sees a CUDA device."""
+    if "train" not in stages:
+        return
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return
+    missing = []
+    if triton_compiler() is None:
+        cc = os.environ.get("CC")
+        missing.append(f"a C compiler ($CC={cc} is not found)" if cc else "a C compiler (no gcc or clang on PATH)")
+    headers = python_headers()
+    if not (headers / "Python.h").is_file():
+        missing.append(f"Python's C headers ({headers}/Python.h)")
+    if missing:
+        raise BuildError(
+            f"training on CUDA compiles Triton kernels at the first step, which needs {' and '.join(missing)}: "
+            f"install them, e.g. `apt-get install build-essential python{sys.version_info[0]}.{sys.version_info[1]}-dev`"
+            ", or set CC to a compiler"
+        )

@@ -20,6 +20,23 @@ from .recipe import Recipe, template_path
 
 CHECKPOINT_FILES = ("trainer_state.json",)  # written last by Trainer._save_checkpoint: its presence = complete
 COMPILE_BACKEND = "inductor"  # torch.compile backend of compile_decoder (the tests swap in one that fails)
+# Compiled layers can fail after a first step that worked: dynamo recompiles with dynamic shapes when the second
+# sequence length arrives (packed rows change length at every step), and those kernels first run then. Any error in
+# these first steps of a fresh run falls back to eager from step 0; later, the compiled kernels have all run.
+COMPILE_TRIAL_STEPS = 10
+# Fragments of the errors after which a process's CUDA context is unusable (every later CUDA call fails too), so an
+# eager retry in the same process cannot work.
+CUDA_POISON = ("CUDA error", "illegal memory access", "device-side assert", "misaligned address")
+# transformers' optimizers that run on bitsandbytes (transformers.trainer_optimizer._BITSANDBYTES_OPTIMIZERS, private);
+# optim_uses_bitsandbytes also catches later names by their paged_/bnb marks.
+BNB_OPTIMIZERS = frozenset(
+    {
+        "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "ademamix", "ademamix_8bit",
+        "paged_ademamix_32bit", "paged_ademamix_8bit", "lion_32bit", "lion_8bit", "paged_lion_32bit",
+        "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    }
+)  # fmt: skip
+MULTI_PROCESS_OPTIM = "adamw_torch_fused"  # fused: one kernel for all LoRA tensors, on CUDA and on CPU alike
 
 
 def load_split(data_dir: Path, split: str):
@@ -71,6 +88,24 @@ def mask_template(recipe: Recipe, tokenizer, check_on: list[list[dict]] = ()) ->
 
 def lora_targets(recipe: Recipe, model_type: str) -> list[str]:
     return recipe.lora_target_modules or list(get_arch(model_type).lora_targets)
+
+
+def optim_uses_bitsandbytes(optim: str) -> bool:
+    return optim in BNB_OPTIMIZERS or optim.startswith("paged_") or "bnb" in optim
+
+
+def optimizer_for(recipe: Recipe, procs: Procs) -> str:
+    """The recipe's optimizer, except bitsandbytes' under several processes: sharded (FSDP) checkpoints and resume
+    with them are untested (PEFT's FSDP guide: paged_adamw_8bit fails to save a checkpoint; bitsandbytes#1708: resume
+    on several GPUs). LoRA's optimizer state is small, so 32-bit AdamW costs little memory there."""
+    if not (procs.multi and optim_uses_bitsandbytes(recipe.optim)):
+        return recipe.optim
+    if procs.is_main:
+        log(
+            f"[train] optim: {MULTI_PROCESS_OPTIM} instead of the recipe's {recipe.optim} under {procs.world_size} "
+            "processes: bitsandbytes' paged/8-bit optimizers are untested with sharded checkpoints and resume"
+        )
+    return MULTI_PROCESS_OPTIM
 
 
 def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Path, procs: Procs = Procs()):
@@ -140,7 +175,7 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         warmup_steps=recipe.warmup_steps,
         weight_decay=recipe.weight_decay,
         max_grad_norm=recipe.max_grad_norm,
-        optim=recipe.optim,
+        optim=optimizer_for(recipe, procs),
         activation_checkpointing=recipe.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         # Non-reentrant: torch's recommended mode; the reentrant one needs grad-requiring inputs, frozen here.
         activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
@@ -211,25 +246,101 @@ def uncompile(model) -> None:
     torch._dynamo.reset()
 
 
-def train_with_compile_fallback(trainer, recipe: Recipe, resume: Path | None) -> str | None:
-    """trainer.train(); if compile_decoder's first compilation fails (before any optimizer step), say so and train
-    eager rather than lose the run. Returns the compile error's first line, or None. Later failures are raised."""
+def poisons_cuda(error: BaseException) -> bool:
+    """Whether `error` (or an exception it wraps) leaves this process's CUDA context unusable."""
     import torch
 
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, accelerator_error):
+            return True
+        if isinstance(error, RuntimeError) and any(s in str(error) for s in CUDA_POISON):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return False
+
+
+def describe(error: BaseException) -> str:
+    """`ExcType (first line of its message)`; for a dynamo wrapper, what the compiler itself raised."""
+    inner = getattr(error, "inner_exception", None)  # BackendCompilerFailed: what the compiler raised
+    cause = f"{type(inner).__name__}: {inner}" if inner else (str(error).strip().splitlines() or ["?"])[0]
+    return f"{type(error).__name__} ({cause[:300]})"
+
+
+def train_with_compile_fallback(trainer, recipe: Recipe, resume: Path | None, throughput=None) -> str | None:
+    """trainer.train(); if compile_decoder's layers fail in the first COMPILE_TRIAL_STEPS steps of a fresh run (at
+    compile time or when their kernels first run), say so and train eager from step 0, from the same starting point,
+    rather than lose the run. Returns "ExcType (message) at step N", or None. Later failures are raised; an error that
+    leaves CUDA unusable becomes a BuildError, as no retry can work in this process."""
+    import torch
+
+    may_retry = recipe.compile_decoder and resume is None
+    start = [(p, p.detach().clone()) for p in trainer.model.parameters() if p.requires_grad] if may_retry else []
+    rng = rng_state() if may_retry else None
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         return None
-    except torch._dynamo.exc.TorchDynamoException as e:
-        started = resume is not None or trainer.state.global_step > 0
-        if not recipe.compile_decoder or started:
+    except Exception as e:  # never KeyboardInterrupt: that is a BaseException, and a Ctrl-C must stop the run
+        step = trainer.state.global_step + 1  # the step being computed, numbered as log_history numbers them
+        if not may_retry or trainer.state.global_step >= COMPILE_TRIAL_STEPS:
             raise
-        inner = getattr(e, "inner_exception", None)  # BackendCompilerFailed: what the compiler raised
-        cause = f"{type(inner).__name__}: {inner}" if inner else (str(e).strip().splitlines() or ["?"])[0]
-        error = f"{type(e).__name__} ({cause[:300]})"
-    log(f"[train] compile_decoder: torch.compile failed at the first step: {error}; continuing eager")
+        if poisons_cuda(e):
+            raise BuildError(
+                f"the compiled decoder layers hit a CUDA error at step {step} ({describe(e)}), after which this "
+                "process's CUDA context cannot be used again, so it cannot go on eager: rerun with "
+                "--compile_decoder false"
+            ) from e
+        error = f"{describe(e)} at step {step}"
+    log(f"[train] compile_decoder: the compiled layers failed: {error}; training again from step 0, eager")
+    # Back to the state of the first call, so that the eager run is the one the recipe would have made without
+    # compile: the LoRA weights before any step, a new optimizer and schedule (Trainer creates them only when None),
+    # the same random draws (dropout, data order), no checkpoint of the failed attempt, no speed marks from it.
+    with torch.no_grad():
+        for param, before in start:
+            param.copy_(before)
+            param.grad = None
+    trainer.optimizer = None
+    trainer.lr_scheduler = None
+    if trainer.is_world_process_zero():
+        for old in Path(trainer.args.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    if throughput is not None:
+        throughput.reset()
     uncompile(trainer.model)
+    release_memory()  # the failed attempt's optimizer state and cached blocks: eager needs more memory than compiled
+    set_rng_state(rng)
     trainer.train()
     return error
+
+
+def rng_state() -> dict:
+    """Every random generator a training step draws from (dropout, data order)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def release_memory() -> None:
@@ -254,11 +365,18 @@ def decoder_layers(model):
 def throughput_callback():
     """A TrainerCallback that measures tokens per second after warm-up: over the second half of the logged steps,
     so that torch.compile's first steps, CUDA's warm-up and the first eval do not count. Tokens are those the model
-    read (TRL's `num_tokens`: padding excluded)."""
+    read (TRL's `num_tokens`: padding excluded). On CUDA it also keeps the most device memory in use at a step's end."""
+    import torch
     from transformers import TrainerCallback
 
     class Throughput(TrainerCallback):
         def __init__(self):
+            self.cuda = torch.cuda.is_available()
+            self.peak_device_used: int | None = 0 if self.cuda else None
+            self.reset()
+
+        def reset(self):
+            """Forget the steps measured so far (a run that starts again from step 0)."""
             self.marks: list[tuple[float, int]] = []  # (seconds, tokens read so far) at each train-loss log
             self.modes: set[bool] = set()  # model.training at each optimizer step: Trainer sets train mode
             self.checkpointing: set[bool] = set()  # gradient checkpointing enabled at each step
@@ -268,6 +386,12 @@ def throughput_callback():
                 self.modes.add(model.training)
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
                 self.checkpointing.add(bool(getattr(base, "is_activation_checkpointing", False)))
+            if self.cuda:
+                # The device's own count, not torch's allocator's: bitsandbytes' paged optimizer keeps its state in
+                # CUDA managed memory, which max_memory_reserved never sees but a smaller GPU must still hold. (It
+                # counts every process on the device, and the CUDA context: the figure for a GPU of one's own.)
+                free, total = torch.cuda.mem_get_info()
+                self.peak_device_used = max(self.peak_device_used, total - free)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and "num_tokens" in logs:
@@ -347,7 +471,7 @@ def run(
     trainer.add_callback(throughput)
     if resume and procs.is_main:
         log(f"[train] resuming from {resume.name}")
-    compile_error = train_with_compile_fallback(trainer, recipe, resume)
+    compile_error = train_with_compile_fallback(trainer, recipe, resume, throughput)
     state = trainer.state
     if state.best_model_checkpoint is None and not any(
         h.get("step") == state.global_step and "eval_loss" in h for h in state.log_history
@@ -403,6 +527,11 @@ def run(
         "gradient_checkpointing": throughput.checkpointing == {True},
         # What a GPU needs to hold this recipe (tests/benchmarks/bench_training.py reports it).
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        # The allocator's cache included: what nvidia-smi shows of this process, what the next stage starts beside.
+        "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None,
+        # The device's own peak at step ends (see Throughput): counts memory outside torch's allocator too.
+        "peak_device_used_bytes": throughput.peak_device_used,
+        "optim": getattr(trainer.args.optim, "value", trainer.args.optim),  # the recipe's, or its multi-process stand-in
     }
     trainer.accelerator.free_memory()
     del trainer, state
