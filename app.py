@@ -31,7 +31,7 @@ from ggufchat.engine import KV_TYPES, EngineSettings
 from ggufchat.errors import BadRequest, Busy, ConfigError, EngineError
 from ggufchat.feedback import Feedback
 from ggufchat.files import ModelSpec, fetch_model_files, human_size
-from ggufchat.local import ModelStore
+from ggufchat.local import MODELS_MB, ModelStore
 from ggufchat.prompt import PROMPT_FORMATS
 from ggufchat.remote import RemoteStore, Server
 from ggufchat.turns import Done, Reading, Store, Waiting
@@ -83,6 +83,7 @@ class Settings:
     backend_api_key: str | None = None
     backend_wait: int = 120  # seconds start-up waits for the server's /health (it may still be loading its model)
     saved_chats_secret: str = ""  # the key of the chats Gradio saves in the browser ("": derived, see saved_chats_key)
+    models_mb: int = MODELS_MB  # memory for the models kept loaded side by side (files, KV caches, finished chats)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -118,6 +119,7 @@ class Settings:
             backend_api_key=os.environ.get("BACKEND_API_KEY", "").strip() or None,
             backend_wait=_env_int("BACKEND_WAIT", cls.backend_wait, minimum=0),
             saved_chats_secret=os.environ.get("SAVED_CHATS_SECRET", "").strip(),
+            models_mb=_env_int("MODELS_RAM_MB", cls.models_mb),
         )
 
 
@@ -390,7 +392,8 @@ def serving_line(store: ModelStore, cpu: CpuBackend) -> str:
     return (f"serving: llama.cpp CPU backend {cpu.name} · {s.n_threads} decode / {s.n_threads_batch} prompt threads · "
             f"{files} · context {s.n_ctx} tokens per chat × {store.line.capacity} parallel chats · KV cache "
             f"{human_size(kv)} ({s.kv_type}) · finished chats kept in up to {s.cache_mb} MiB of RAM · context shift "
-            f"{'on' if s.context_shift else 'off'}")
+            f"{'on' if s.context_shift else 'off'} · models kept loaded within {store.models_bytes >> 20} MiB "
+            f"({', '.join(f'{label}: {human_size(store.footprint(label))}' for label in store.labels)})")
 
 
 def feedback_from_env(settings: Settings) -> Feedback:
@@ -422,7 +425,7 @@ def local_store(settings: Settings) -> ModelStore:
     cpu = load_cpu_backend()
     print(f"llama.cpp CPU backend: {cpu}", flush=True)
     store = ModelStore(catalog, paths, settings.engine, settings.queue_size, settings.seed, settings.verify_sha256,
-                       warm_system=SYSTEM_MESSAGE)
+                       warm_system=SYSTEM_MESSAGE, models_mb=settings.models_mb)
     try:
         store.get(store.labels[0])
     except ConfigError as err:

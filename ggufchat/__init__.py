@@ -23,7 +23,8 @@ One request, module by module (the local backend):
 
 1. app.respond checks and clamps the visitor's input and calls `store.turn(...)` (turns.Store.turn).
 2. turns.Store.turn takes a seat in the waiting line (line.WaitingLine; yields Waiting while it waits), then
-   `store.get(label)` gives the loaded model (local.ModelStore: loads, verifies and swaps model files, files.py).
+   `store.get(label)` gives the loaded model (local.ModelStore: loads and verifies model files, files.py; keeps as
+   many loaded as MODELS_RAM_MB holds, unloading the least recently used idle one).
 3. turns.answer fits the history to the window (prompt.fit_history: the oldest turns go, the system message stays)
    and tokenizes it once (prompt.PromptTokenizer: message text can never become a control token).
 4. llama-cpp-agent's LlamaCppAgent formats the same conversation and calls the provider (local.EngineProvider), which

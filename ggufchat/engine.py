@@ -92,6 +92,20 @@ def kv_bytes_per_token(model, kv_type: str) -> int:
     return int(2 * llama_cpp.llama_model_n_layer(model) * n_embd_kv * KV_TYPES[kv_type][1])
 
 
+def kv_bytes_for(path: str | Path, settings: EngineSettings) -> int:
+    """The KV cache an engine with `settings` allocates for the GGUF file at `path`, from the file's header (before
+    loading it; a vocab-only load has no per-layer shape, so the GGUF keys are read, as kv_bytes_per_token counts)."""
+    from .vocab import Vocab
+
+    meta = Vocab.load(path).metadata
+    arch = meta["general.architecture"]
+    n_layer, n_embd = int(meta[f"{arch}.block_count"]), int(meta[f"{arch}.embedding_length"])
+    n_head = int(meta[f"{arch}.attention.head_count"])
+    n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
+    per_token = 2 * n_layer * (n_embd // n_head) * n_head_kv * KV_TYPES[settings.kv_type][1]
+    return int(per_token) * settings.n_ctx * settings.parallel
+
+
 class Engine:
     """One model, one context, `parallel` slots; stepped by LLAMA_THREAD."""
 

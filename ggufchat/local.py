@@ -1,7 +1,7 @@
-"""The local backend: the catalog's models served from this process, one in memory at a time (`ModelStore`), each
-with its engine. Every answer is produced by llama-cpp-agent's `LlamaCppAgent` through `EngineProvider`, a provider
-that hands the engine the token ids fit_history measured (turns.answer) instead of a string llama.cpp would
-re-tokenize with its control tokens live.
+"""The local backend: the catalog's models served from this process (`ModelStore`), as many in memory at once as
+`models_mb` holds, each with its engine, least recently used unloaded first. Every answer is produced by
+llama-cpp-agent's `LlamaCppAgent` through `EngineProvider`, a provider that hands the engine the token ids
+fit_history measured (turns.answer) instead of a string llama.cpp would re-tokenize with its control tokens live.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import functools
 import gc
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,12 @@ class LoadedModel:
         """A llama-cpp-agent provider for one answer; `fitted`: the prompt fit_history measured, and its ids."""
         return _provider_class()(self, pace, fitted)
 
+
+# Memory for the models kept loaded (MiB): the Space's 16 GB less the process itself (~1.5 GiB: 9.9 GiB resident with
+# a 2.2 GiB file and a 6 GiB KV cache, docs/performance.md "Memory"). With the defaults a Phi-3-class Q4 model holds
+# 2.4 GB of file, 6 GB of KV cache and up to 4 GiB of finished chats: one at a time; PARALLEL=2 and CACHE_RAM_MB=1536
+# make it ~7 GB, and two fit side by side.
+MODELS_MB = 14336
 
 # Progress is shown only for a prompt that takes longer than this to read (at this process's measured prompt speed):
 # below it, the first words come before a visitor wonders.
@@ -116,24 +123,55 @@ def _provider_class():
 
 
 class ModelStore(Store):
-    """One model in memory at a time, with its engine: loaded on first use, swapped when the dropdown changes.
+    """The catalog's models, loaded on first use, each with its engine; all engines share the llama.cpp thread.
 
-    `line` gives out the seats: `parallel` chats of one model at once; a chat for another model waits until the
-    current model's chats are done, then swaps it in."""
+    Models stay in memory side by side while their files, KV caches and host-RAM caches fit in `models_mb` together;
+    beyond it the least recently used model without a chat is unloaded. `line` gives out the seats: `parallel` chats
+    per model at once; a chat for a model that does not fit beside the busy ones waits until they are done."""
 
     def __init__(self, catalog: list[ModelSpec], paths: dict[str, Path], settings: EngineSettings | None = None,
-                 queue_size: int = 16, seed: int = -1, verify_sha256: bool = True, warm_system: str | None = None):
+                 queue_size: int = 16, seed: int = -1, verify_sha256: bool = True, warm_system: str | None = None,
+                 models_mb: int = MODELS_MB):
         """`seed`: of every answer (-1: a fresh one each time); `verify_sha256`: hash a Hub file against its LFS
-        sha256 before its first load; `warm_system`: a system message read at load, before the first visitor."""
+        sha256 before its first load; `warm_system`: a system message read at load, before the first visitor;
+        `models_mb`: memory for the models kept loaded (MiB; at least one model is always allowed)."""
         self.specs = {spec.label: spec for spec in catalog if spec.label in paths}
         self.paths, self.settings, self.warm_system = paths, settings or EngineSettings(), warm_system
-        self.seed, self.verify_sha256 = seed, verify_sha256
+        self.seed, self.verify_sha256, self.models_bytes = seed, verify_sha256, models_mb << 20
         self.broken = {}
         self.checked: set[Path] = set()  # files already hashed: switching models back does not re-read GBs
-        self.current: LoadedModel | None = None
+        self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self.footprints: dict[str, int] = {}
         self.abouts: dict[str, dict] = {}
-        self.line = WaitingLine(queue_size, self.settings.parallel)
+        self.line = WaitingLine(queue_size, self.settings.parallel, admits=self.fits_beside)
         self.lock = threading.Lock()
+
+    def footprint(self, label: str) -> int:
+        """Bytes a loaded model holds: its file (mapped, read in full by the first answers), the KV cache llama.cpp
+        allocates at load for every chat's full window, and the host-RAM budget for its finished chats."""
+        if label not in self.footprints:
+            from .cpu_backend import load_cpu_backend
+            from .engine import kv_bytes_for
+
+            load_cpu_backend()  # llama.cpp reads no GGUF before a CPU backend is registered
+            path = Path(self.paths[label])
+            try:
+                kv = kv_bytes_for(path, self.settings)
+            except (ValueError, OSError, ConfigError):
+                kv = 0  # an unreadable file fails at load, with its own message
+            self.footprints[label] = path.stat().st_size + kv + (self.settings.cache_mb << 20)
+        return self.footprints[label]
+
+    def fits_beside(self, label: str, busy: set) -> bool:
+        """Whether `label` may have chats while the models in `busy` have some: together they fit in models_mb (idle
+        models are unloaded to make room), or nothing else is busy (one model is always allowed)."""
+        others = busy - {label}
+        return not others or sum(map(self.footprint, others | {label})) <= self.models_bytes
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The most recently used model in memory, if any."""
+        return next(reversed(self.loaded.values()), None)
 
     @property
     def labels(self) -> list[str]:
@@ -160,25 +198,35 @@ class ModelStore(Store):
         return self.abouts[label]
 
     def get(self, label: str) -> LoadedModel:
-        """The loaded model for `label` (call it holding a seat for that label); raises ConfigError when it cannot
-        load."""
+        """The loaded model for `label` (call it holding a seat for that label), loading it if needed after unloading
+        idle models, least recently used first, until it fits; raises ConfigError when it cannot load."""
         self.check(label)
         with self.lock:
-            if self.current is not None and self.current.label == label:
-                return self.current
-            self.unload()
+            if label in self.loaded:
+                self.loaded.move_to_end(label)
+                return self.loaded[label]
+            busy = self.line.busy()
+            for other in list(self.loaded):  # least recently used first
+                in_memory = sum(map(self.footprint, self.loaded)) + self.footprint(label)
+                if in_memory <= self.models_bytes:
+                    break
+                if other not in busy:
+                    self.unload(other)
             try:
-                self.current = self._load(self.specs[label], self.paths[label])
+                self.loaded[label] = self._load(self.specs[label], self.paths[label])
             except ConfigError as err:
                 self.broken[label] = str(err)
                 raise
-            return self.current
+            return self.loaded[label]
 
-    def unload(self) -> None:
-        if self.current is not None:
-            self.current.engine.close()  # frees the weights and the KV cache now, not at the next GC
-            self.current = None
-            gc.collect()
+    def unload(self, label: str | None = None) -> None:
+        """Free one model (default: every model) now: its weights, KV cache and host-RAM cache, not at the next GC."""
+        for name in [label] if label else list(self.loaded):
+            model = self.loaded.pop(name, None)
+            if model is not None:
+                model.engine.close()
+                print(f"unloaded {Path(self.paths[name]).name}", flush=True)
+        gc.collect()
 
     def _load(self, spec: ModelSpec, path: Path) -> LoadedModel:
         from .cpu_backend import load_cpu_backend

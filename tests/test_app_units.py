@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 import app
-from ggufchat.engine import EngineSettings, kv_bytes_per_token
+from ggufchat.engine import EngineSettings, kv_bytes_for, kv_bytes_per_token
 from ggufchat.vocab import Vocab
 from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, fit_history, make_messages_formatter
 from ggufchat.local import ModelStore
@@ -227,7 +227,8 @@ def test_settings_are_read_from_the_environment(monkeypatch):
     values = {"N_CTX": "1024", "N_THREADS": "3", "N_THREADS_BATCH": "5", "N_BATCH": "64", "QUEUE_SIZE": "2",
               "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "q8_0",
               "PREFILL_CHUNK": "32", "BACKEND_URL": "http://10.0.0.5:8080", "BACKEND_API_KEY": "sk-example",
-              "BACKEND_WAIT": "5", "CACHE_RAM_MB": "512", "CONTEXT_SHIFT": "0", "SAVED_CHATS_SECRET": "s3cret"}
+              "BACKEND_WAIT": "5", "CACHE_RAM_MB": "512", "CONTEXT_SHIFT": "0", "SAVED_CHATS_SECRET": "s3cret",
+              "MODELS_RAM_MB": "3000"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     engine = EngineSettings(n_ctx=1024, parallel=2, n_threads=3, n_threads_batch=5, n_batch=64, kv_type="q8_0",
@@ -235,7 +236,7 @@ def test_settings_are_read_from_the_environment(monkeypatch):
     assert app.Settings.from_env() == app.Settings(engine=engine, queue_size=2, seed=7, verify_sha256=False,
                                                    hf_token="hf_example", parallel=2,
                                                    backend_url="http://10.0.0.5:8080", backend_api_key="sk-example",
-                                                   backend_wait=5, saved_chats_secret="s3cret")
+                                                   backend_wait=5, saved_chats_secret="s3cret", models_mb=3000)
 
 
 def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
@@ -250,6 +251,7 @@ def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
         assert (engine.n_ctx, engine.parallel, engine.n_batch, engine.prefill_chunk, engine.host.budget) == (
             768, 2, 96, 32, 3 << 20)
         assert engine.kv_bytes == kv_bytes_per_token(engine.model.model, "q8_0") * 768 * 2
+        assert kv_bytes_for(smollm2_gguf, settings) == engine.kv_bytes  # read from the file before loading it
     finally:
         store.unload()
 

@@ -73,3 +73,39 @@ def test_the_waiting_line_seats_parallel_chats_of_one_model_first_come_first_ser
     line.leave(c)
     assert list(waiting_d) == []
     assert line.holders == {d: "m2"} and not line.waiting
+
+
+def test_models_that_fit_together_are_seated_side_by_side_each_with_its_own_seats():
+    """admits: m1 and m2 fit in memory together, m3 fits only alone (the store's fits_beside, as a table)."""
+    together = {frozenset({"m1", "m2"})}
+    line = WaitingLine(max_waiting=8, capacity=1,
+                       admits=lambda key, busy: not (busy - {key}) or frozenset(busy | {key}) in together)
+    a, b, c, d = (object() for _ in range(4))
+    assert list(line.wait(a, "m1")) == []
+    assert list(line.wait(b, "m2")) == []  # m2 beside m1: at once, not after m1's chat
+    waiting_c = line.wait(c, "m1")
+    assert next(waiting_c) == 1  # m1's one seat is taken
+    # d for m2 passes c, which waits for a seat of another model, not for memory; m2's seat is still b's, though.
+    waiting_d = line.wait(d, "m2")
+    assert next(waiting_d) == 2
+    line.leave(b)
+    assert list(waiting_d) == []  # m2's seat is free: d takes it while c still waits for m1's
+    assert next(waiting_c) == 1
+    line.leave(a)
+    assert list(waiting_c) == []
+    assert line.busy() == {"m1", "m2"}
+
+
+def test_a_chat_waiting_for_memory_is_not_passed_so_a_busy_model_cannot_starve_it():
+    line = WaitingLine(max_waiting=8, capacity=2, admits=lambda key, busy: not (busy - {key}))  # one model at a time
+    a, b, c = object(), object(), object()
+    assert list(line.wait(a, "m1")) == []
+    waiting_b = line.wait(b, "m3")  # m3 does not fit beside m1: it waits for m1's chats to end
+    assert next(waiting_b) == 1
+    waiting_c = line.wait(c, "m1")  # m1 has a free seat, but b came first and waits for memory m1 holds
+    assert next(waiting_c) == 2
+    line.leave(a)
+    assert list(waiting_b) == []  # m1 is idle now: b gets m3 in
+    assert next(waiting_c) == 1  # and c waits for m3's chat, in turn
+    line.leave(b)
+    assert list(waiting_c) == []
