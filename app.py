@@ -7,9 +7,10 @@ Phi-3.5-mini + oasst1 build, which MODEL_REPO and MODEL_FILES point it to.
     BACKEND_URL=http://127.0.0.1:8080 python app.py               # chats served by llama.cpp's llama-server
 
 Every setting is an environment variable; README.md lists them all. The file reads top to bottom:
-settings -> catalog -> respond -> UI -> main. A chat turn goes to the model store (`store.turn`, ggufchat/turns.py),
-which seats it and answers; the serving engine (prompt formats, model files, the scheduler that decodes several
-chats at once, the CPU-variant loader, the llama-server client) is the `ggufchat` package beside this file.
+settings -> catalog -> respond -> side by side -> UI -> main. A chat turn goes to the model store (`store.turn`,
+ggufchat/turns.py), which seats it and answers; a side-by-side round goes to the arena (ggufchat/arena.py). The
+serving engine (prompt formats, model files, the scheduler that decodes several chats at once, the CPU-variant
+loader, the llama-server client) is the `ggufchat` package beside this file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from ggufchat import votes
+from ggufchat.arena import Arena, continued
 from ggufchat.cpu_backend import CpuBackend, load_cpu_backend
 from ggufchat.engine import KV_TYPES, EngineSettings
 from ggufchat.errors import BadRequest, Busy, ConfigError, EngineError
@@ -84,6 +87,7 @@ class Settings:
     backend_wait: int = 120  # seconds start-up waits for the server's /health (it may still be loading its model)
     saved_chats_secret: str = ""  # the key of the chats Gradio saves in the browser ("": derived, see saved_chats_key)
     models_mb: int = MODELS_MB  # memory for the models kept loaded side by side (files, KV caches, finished chats)
+    arena: tuple[str, ...] | None = None  # ARENA_MODELS: (fine-tune, base) labels; None: the catalog's default pair
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -120,7 +124,22 @@ class Settings:
             backend_wait=_env_int("BACKEND_WAIT", cls.backend_wait, minimum=0),
             saved_chats_secret=os.environ.get("SAVED_CHATS_SECRET", "").strip(),
             models_mb=_env_int("MODELS_RAM_MB", cls.models_mb),
+            arena=arena_from_env(),
         )
+
+
+def arena_from_env() -> tuple[str, ...] | None:
+    """ARENA_MODELS: "fine-tune label,base label", or "off"; unset: the catalog's default pair (None)."""
+    raw = os.environ.get("ARENA_MODELS", "").strip()
+    if not raw:
+        return None
+    if raw.lower() == "off":
+        return ()
+    labels = tuple(label.strip() for label in raw.split(",") if label.strip())
+    if len(labels) != 2:
+        raise ConfigError(f"ARENA_MODELS={raw!r} must name two models, the fine-tune then its base (comma-separated), "
+                          "or be off.")
+    return labels
 
 
 SYSTEM_MESSAGE = "You are a helpful assistant."
@@ -145,7 +164,11 @@ STREAM_EVERY = 0.1
 CATALOG = [
     ModelSpec("S29 Phi-3 merged 0.2 (Q4_K_M)", "Q4_K_M.gguf", "Shivdutta/S29-phi3-merged-0.2_GGUF", None, "human"),
     ModelSpec("S29 Phi-3 merged 0.3 (Q5_K_M)", "Q5_K_M.gguf", "Shivdutta/S29-phi3-merged-0.3_GGUF", None, "human"),
+    # Their base, in its own chat format: the side-by-side mode asks visitors whether the fine-tune is better.
+    ModelSpec("Phi-3-mini-4k-instruct (Q4, the base)", "Phi-3-mini-4k-instruct-q4.gguf",
+              "microsoft/Phi-3-mini-4k-instruct-gguf", None, "phi3"),
 ]
+DEFAULT_ARENA = (CATALOG[0].label, CATALOG[2].label)  # (fine-tune, base) of the built-in catalog
 
 
 def prompt_format_from_env() -> str:
@@ -276,6 +299,93 @@ def respond(store: Store, message, history, model_label, system_message, max_tok
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Side by side (blind)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Two answers share the CPU, each at about half the tokens/s of one: a shorter cap keeps a round to a couple of minutes.
+ARENA_MAX_TOKENS = 512
+ARENA_SAMPLING = {name: LIMITS[name][2] for name in ("temperature", "top_p", "top_k", "repeat_penalty")}
+ASK_VOTE = "Which answer is better? Vote to see which model wrote which."
+
+
+def arena_turn(arena: Arena, message, past, round_id):
+    """Both models answer `message` after the conversation `past`: yields (chat A, chat B, status, round id)."""
+    past = history_messages(past)
+    try:
+        message = text_of(message)
+        if not message.strip():
+            raise BadRequest("Please type a message.")
+        previous = arena.rounds.get(round_id) if isinstance(round_id, str) else None
+        if previous is not None and previous.complete and not previous.voted:
+            raise BadRequest("Vote on these answers first (or start a new chat): the next message goes on from the "
+                             "answer you prefer.")
+        r = arena.deal(message, past, SYSTEM_MESSAGE, {"max_tokens": ARENA_MAX_TOKENS, **ARENA_SAMPLING})
+        asked = [*past, {"role": "user", "content": message}]
+        chats = asked, asked
+        for a, b in arena.answer(r, STREAM_EVERY):
+            chats = [*asked, {"role": "assistant", "content": a}], [*asked, {"role": "assistant", "content": b}]
+            yield *chats, "", r.id
+        status = ASK_VOTE if r.complete else f"{NOTICE}One model could not answer, so this pair cannot be voted on."
+        yield *chats, status, r.id
+    except (BadRequest, ConfigError, Busy, EngineError) as err:
+        yield gr.skip(), gr.skip(), f"{NOTICE}{err}", round_id
+
+
+def arena_vote(arena: Arena, choice, round_id):
+    """A vote on the round on screen: (status with the names, tally, the conversation to go on with, chat A, chat B,
+    round id). A refused vote changes nothing but the status. API callers see status, tally, chat A and chat B."""
+    choice = text_of(choice)
+    try:
+        r, tally = arena.vote(round_id, choice)
+    except BadRequest as err:
+        return f"{NOTICE}{err}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    after = continued(r, choice)
+    picked = {"A": "You preferred A.", "B": "You preferred B.", "tie": "A tie.", "both bad": "Both bad."}[choice]
+    goes_on = "The chat goes on from the answer you chose." if after else "Starting over."
+    status = f"A was **{r.shown[0]}**, B was **{r.shown[1]}**. {picked} {goes_on}"
+    return status, tally_line(arena, tally), after, after, after, r.id  # the id stays: a second vote is refused
+
+
+def tally_line(arena: Arena, tally: dict | None = None) -> str:
+    return votes.summary(tally or arena.tally(), f"**{arena.finetune}** over **{arena.base}**")
+
+
+def arena_tab(arena: Arena) -> None:
+    """The side-by-side tab's components and events (inside build_ui's Blocks)."""
+    gr.Markdown("Two models answer each message, shown as A and B in a random order. Vote for the better answer and "
+                "see which model wrote it. Votes are kept, with both answers, to judge the fine-tune against its base.")
+    with gr.Row():
+        chat_a = gr.Chatbot(label="A", height=420, latex_delimiters=LATEX)
+        chat_b = gr.Chatbot(label="B", height=420, latex_delimiters=LATEX)
+    status = gr.Markdown()
+    with gr.Row():
+        box = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=5)
+        send = gr.Button("Send", variant="primary", scale=1)
+    with gr.Row():
+        buttons = {choice: gr.Button(label) for choice, label in
+                   (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"), ("both bad", "Both are bad"))}
+        restart = gr.Button("New chat")
+    tally = gr.Markdown(tally_line(arena))
+    past, round_id = gr.State([]), gr.State("")
+    choice = gr.Textbox(visible=False)  # the API's way to vote: /arena_vote(choice)
+
+    turn = functools.partial(arena_turn, arena)
+    ins, outs = [box, past, round_id], [chat_a, chat_b, status, round_id]
+    # concurrency_limit=None: the store's waiting line seats and bounds the two answers, as for the chat.
+    send.click(turn, ins, outs, api_name="arena", concurrency_limit=None)
+    box.submit(turn, ins, outs, api_visibility="undocumented", concurrency_limit=None)
+    for trigger in (send.click, box.submit):  # the box empties at once; the answers read the message sent
+        trigger(lambda: "", None, box, api_visibility="undocumented", queue=False)
+    outputs = [status, tally, past, chat_a, chat_b, round_id]
+    vote = functools.partial(arena_vote, arena)
+    for name, button in buttons.items():
+        button.click(functools.partial(vote, name), [round_id], outputs, api_visibility="undocumented")
+    choice.submit(vote, [choice, round_id], outputs, api_name="arena_vote")
+    restart.click(lambda: ([], [], [], "", ""), None, [chat_a, chat_b, past, round_id, status],
+                  api_visibility="undocumented")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # UI
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -339,44 +449,57 @@ def saved_chats_key(secret: str = "") -> str:
     return hashlib.sha256(f"saved chats of {origin}".encode()).hexdigest()[:32]
 
 
-def build_ui(store: Store, feedback: Feedback, saved_chats_secret: str = "") -> gr.Blocks:
-    """The page, wired to `store` (what answers) and `feedback` (where Like/Dislike go)."""
+def build_ui(store: Store, feedback: Feedback, saved_chats_secret: str = "", arena: Arena | None = None) -> gr.Blocks:
+    """The page, wired to `store` (what answers) and `feedback` (where Like/Dislike and votes go); with `arena`, a
+    second tab where two models answer side by side, blind."""
+    with gr.Blocks(title="OpenAssistant chat · llama.cpp") as demo:
+        if arena is None:
+            chat_tab(store, feedback, saved_chats_secret)
+        else:
+            with gr.Tabs():
+                with gr.Tab("Chat"):
+                    chat_tab(store, feedback, saved_chats_secret)
+                with gr.Tab("Side by side (blind)"):
+                    arena_tab(arena)
+    return demo
+
+
+def chat_tab(store: Store, feedback: Feedback, saved_chats_secret: str) -> None:
+    """The chat: the model's info line, the ChatInterface with its settings, Like/Dislike (inside build_ui's Blocks)."""
     labels = store.labels
+    # Unrendered: ChatInterface places them (the settings in its accordion, the chatbot under the info line).
     slider = {name: dict(minimum=low, maximum=high, value=default) for name, (low, high, default) in LIMITS.items()}
-    dropdown = lenient(gr.Dropdown(labels, value=labels[0], label="Model"))
+    dropdown = lenient(gr.Dropdown(labels, value=labels[0], label="Model", render=False))
     inputs = [
         dropdown,
-        gr.Textbox(SYSTEM_MESSAGE, label="System message"),
-        lenient(gr.Slider(**slider["max_tokens"], step=1, label="Max tokens")),
-        lenient(gr.Slider(**slider["temperature"], step=0.1, label="Temperature")),
-        lenient(gr.Slider(**slider["top_p"], step=0.05, label="Top-p")),
-        lenient(gr.Slider(**slider["top_k"], step=1, label="Top-k")),
-        lenient(gr.Slider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty")),
+        gr.Textbox(SYSTEM_MESSAGE, label="System message", render=False),
+        lenient(gr.Slider(**slider["max_tokens"], step=1, label="Max tokens", render=False)),
+        lenient(gr.Slider(**slider["temperature"], step=0.1, label="Temperature", render=False)),
+        lenient(gr.Slider(**slider["top_p"], step=0.05, label="Top-p", render=False)),
+        lenient(gr.Slider(**slider["top_k"], step=1, label="Top-k", render=False)),
+        lenient(gr.Slider(**slider["repeat_penalty"], step=0.1, label="Repetition penalty", render=False)),
     ]
     chatbot = gr.Chatbot(height=520, buttons=["copy", "copy_all", "share"], latex_delimiters=LATEX,
-                         feedback_options=("Like", "Dislike"))
-    with gr.Blocks(title="OpenAssistant chat · llama.cpp") as demo:
-        info = gr.Markdown(describe(store, labels[0]))
-        chat = gr.ChatInterface(
-            functools.partial(respond, store),
-            chatbot=chatbot,
-            additional_inputs=inputs,
-            examples=[[e] for e in EXAMPLES],
-            cache_examples=False,
-            api_name="chat",
-            concurrency_limit=None,  # requests go straight to respond(), whose WaitingLine seats and bounds them
-            save_history=True,  # past chats in the browser's local storage, listed beside the chat
-            editable=True,  # edit a message to regenerate from it; its unchanged prefix still comes from the cache
-        )
-        chat.saved_conversations.secret = saved_chats_key(saved_chats_secret)
-        dropdown.change(functools.partial(describe, store), dropdown, info, api_visibility="undocumented")
+                         feedback_options=("Like", "Dislike"), render=False)
+    info = gr.Markdown(describe(store, labels[0]))
+    chat = gr.ChatInterface(
+        functools.partial(respond, store),
+        chatbot=chatbot,
+        additional_inputs=inputs,
+        examples=[[e] for e in EXAMPLES],
+        cache_examples=False,
+        api_name="chat",
+        concurrency_limit=None,  # requests go straight to respond(), whose WaitingLine seats and bounds them
+        save_history=True,  # past chats in the browser's local storage, listed beside the chat
+        editable=True,  # edit a message to regenerate from it; its unchanged prefix still comes from the cache
+    )
+    chat.saved_conversations.secret = saved_chats_key(saved_chats_secret)
+    dropdown.change(functools.partial(describe, store), dropdown, info, api_visibility="undocumented")
 
-        def like(data: gr.LikeData, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty):
-            record_feedback(feedback, data, history, model, system, max_tokens, temperature, top_p, top_k,
-                            repeat_penalty)
+    def like(data: gr.LikeData, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty):
+        record_feedback(feedback, data, history, model, system, max_tokens, temperature, top_p, top_k, repeat_penalty)
 
-        chatbot.like(like, [chatbot, *inputs], None, api_visibility="undocumented")
-    return demo
+    chatbot.like(like, [chatbot, *inputs], None, api_visibility="undocumented")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -465,13 +588,33 @@ def quiet_queue(queue) -> None:
                   file=sys.stderr, flush=True)
 
 
+def arena_for(settings: Settings, store: Store, feedback: Feedback) -> Arena | None:
+    """The side-by-side mode for ARENA_MODELS, or for the built-in catalog's pair when it is unset; None when off, or
+    when a model of the pair is not served (said in the log: the chat itself goes on)."""
+    pair = DEFAULT_ARENA if settings.arena is None else settings.arena
+    if not pair or (settings.arena is None and not set(pair) <= set(store.labels)):
+        return None  # off, or another catalog than the built-in one and no pair named
+    try:
+        arena = Arena(store, *pair, feedback)
+    except ConfigError as err:
+        print(f"warning: the side-by-side mode is off: {err}", file=sys.stderr, flush=True)
+        return None
+    print(f"side by side: {arena.finetune} against {arena.base} · {tally_line(arena)}", flush=True)
+    if isinstance(store, ModelStore) and not store.fits_beside(arena.finetune, {arena.base}):
+        print("warning: the side-by-side models do not fit in MODELS_RAM_MB together, so their answers come one after "
+              "the other; PARALLEL=2 CACHE_RAM_MB=1536 fits two Phi-3-class Q4 models in 16 GB (README)",
+              file=sys.stderr, flush=True)
+    return arena
+
+
 def main() -> None:
     try:
         settings = Settings.from_env()
         store = remote_store(settings) if settings.backend_url else local_store(settings)
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    demo = build_ui(store, feedback_from_env(settings), settings.saved_chats_secret)
+    feedback = feedback_from_env(settings)
+    demo = build_ui(store, feedback, settings.saved_chats_secret, arena_for(settings, store, feedback))
     # Gradio's queue only hands requests over (no concurrency limit); this cap is a backstop against floods.
     demo.queue(max_size=4 * (settings.queue_size + store.line.capacity) + 16)
     quiet_queue(demo._queue)

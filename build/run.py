@@ -269,7 +269,8 @@ def _main(argv) -> int:
     # ---- 7. publish: hub/ (+ upload when hub_repo is set) -----------------------------------------------------------
     if model_type is None and out.merged.joinpath("config.json").is_file():
         model_type = read_json(out.merged / "config.json")["model_type"]
-    stages.run("publish", lambda fp: publish.run(recipe, report, out.gguf, out.adapter, out.hub, model_type or ""))
+    stages.run("publish", lambda fp: publish.run(recipe, report, out.gguf, out.adapter, out.hub, model_type or "",
+                                                      out.base_gguf))
 
     print(summary(stages, report), flush=True)
     print(f"\nreport: {out.report}", flush=True)

@@ -9,15 +9,18 @@ Each module owns one thing and says so at its top:
 - vocab        a model's vocabulary through llama.cpp (tokenize, spell tokens, special tokens)
 - prompt       prompt formats, the injection-proof prompt tokenizer, history fitting
 - turns        one chat turn, and the contract both backends meet (Store, Waiting, Reading, Done, answer)
-- line         the waiting line: seats at the engine, first come first served
-- local        the model store of this process and the llama-cpp-agent provider that feeds the engine
+- line         the waiting line: seats at the engines, first come first served per model
+- local        the model store of this process (several models within a memory budget) and the llama-cpp-agent
+               provider that feeds the engine
 - remote       the same for a llama-server at BACKEND_URL: HTTP client, tokenizer over /tokenize, provider
 - request      one answer as the engine's caller sees it: sampling settings, streamed text, stats
 - schedule     the engine's decisions as pure functions: which slot a chat takes, what the next step decodes
 - reuse        where a prompt's cells can come from: a slot, a cut of dropped turns, host RAM
 - engine       several chats decoded together in one llama.cpp context
 - llama_thread the one thread that runs llama.cpp in this process, and llama.cpp's log filter
-- feedback     Like/Dislike rows, pushed to a Hub dataset
+- feedback     Like/Dislike rows and side-by-side votes, pushed to a Hub dataset
+- arena        the blind side-by-side mode: rounds of two models' answers, votes that count once
+- votes        the votes' tally: win rate with a bootstrap interval (the build's judged comparison uses it too)
 
 One request, module by module (the local backend):
 

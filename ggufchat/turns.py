@@ -71,16 +71,17 @@ class Store:
             raise ConfigError(self.broken[label])
 
     def turn(self, label: str, system: str, past: list[dict], message: str, max_tokens: int, sampling: dict,
-             pace: float = 0.0):
+             pace: float = 0.0, seed: int | None = None):
         """One chat turn: wait for a seat, then answer (see the module docstring for what it yields). The seat is
-        given back however the turn ends."""
+        given back however the turn ends. `seed`: this answer's (default: the store's)."""
         self.check(label)
         ticket = object()
         try:
             for ahead in self.line.wait(ticket, label):  # `parallel` chats at once; the model and its cache are shared
                 yield Waiting(ahead)
             model = self.get(label)
-            yield from answer(model, system, past, message, max_tokens, sampling, self.seed, pace)
+            yield from answer(model, system, past, message, max_tokens, sampling, self.seed if seed is None else seed,
+                              pace)
         finally:
             self.line.leave(ticket)
 

@@ -131,7 +131,7 @@ class FakeHfApi:
         self, *, repo_id, folder_path, repo_type=None, commit_message=None, delete_patterns=None, **kwargs
     ):
         folder = Path(folder_path)
-        listing = {p.name: p.stat().st_size for p in folder.iterdir()}
+        listing = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
         FakeHfApi.calls.append(
             (
                 "upload_folder",

@@ -206,7 +206,7 @@ def test_history_messages_skips_odd_items_and_merges_split_answers():
 
 SETTING_NAMES = ("N_CTX", "N_THREADS", "N_THREADS_BATCH", "N_BATCH", "QUEUE_SIZE", "SEED", "VERIFY_SHA256", "HF_TOKEN",
                  "PARALLEL", "KV_CACHE_TYPE", "PREFILL_CHUNK", "BACKEND_URL", "BACKEND_API_KEY", "BACKEND_WAIT",
-                 "CACHE_RAM_MB", "CONTEXT_SHIFT", "SAVED_CHATS_SECRET")
+                 "CACHE_RAM_MB", "CONTEXT_SHIFT", "SAVED_CHATS_SECRET", "MODELS_RAM_MB", "ARENA_MODELS")
 
 
 def test_settings_defaults_are_readmes(monkeypatch):
@@ -228,7 +228,7 @@ def test_settings_are_read_from_the_environment(monkeypatch):
               "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "q8_0",
               "PREFILL_CHUNK": "32", "BACKEND_URL": "http://10.0.0.5:8080", "BACKEND_API_KEY": "sk-example",
               "BACKEND_WAIT": "5", "CACHE_RAM_MB": "512", "CONTEXT_SHIFT": "0", "SAVED_CHATS_SECRET": "s3cret",
-              "MODELS_RAM_MB": "3000"}
+              "MODELS_RAM_MB": "3000", "ARENA_MODELS": "fine-tune.gguf, base.gguf"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     engine = EngineSettings(n_ctx=1024, parallel=2, n_threads=3, n_threads_batch=5, n_batch=64, kv_type="q8_0",
@@ -236,7 +236,8 @@ def test_settings_are_read_from_the_environment(monkeypatch):
     assert app.Settings.from_env() == app.Settings(engine=engine, queue_size=2, seed=7, verify_sha256=False,
                                                    hf_token="hf_example", parallel=2,
                                                    backend_url="http://10.0.0.5:8080", backend_api_key="sk-example",
-                                                   backend_wait=5, saved_chats_secret="s3cret", models_mb=3000)
+                                                   backend_wait=5, saved_chats_secret="s3cret", models_mb=3000,
+                                                   arena=("fine-tune.gguf", "base.gguf"))
 
 
 def test_the_model_is_loaded_with_the_settings(smollm2_gguf):

@@ -136,3 +136,53 @@ def test_the_token_is_nowhere(smoke_run, tiny_phi3_run, planted_token):
         path = REPO / rel
         if path.is_file():
             assert planted_token.encode() not in path.read_bytes(), rel
+
+
+def test_the_card_gives_the_visitors_verdict_from_the_spaces_votes(smoke_run, tmp_path, capfd):
+    """votes.csv as the Space writes it (ggufchat.feedback.Feedback.record_vote): the card's sentence is the page's
+    tally (one implementation), counted over the rows whose fine-tune is this build's GGUF."""
+    from ggufchat.feedback import Feedback
+    from ggufchat.votes import read_votes, summary, tally
+
+    feedback = Feedback(tmp_path / "feedback")
+    ours, base = f"{NAME}-Q4_K_M.gguf", f"{NAME}-base-Q4_K_M.gguf"
+    for vote, winner, outcome in [("A", ours, 1), ("B", ours, 1), ("A", base, -1), ("tie", "tie", 0),
+                                  ("both bad", "both bad", 0), ("B", ours, 1)]:
+        feedback.record_vote({"pair": vote, "vote": vote, "winner": winner, "outcome": outcome, "finetune": ours,
+                              "base": base, "answer_a": "x", "answer_b": "y"})
+    feedback.record_vote({"pair": "other", "vote": "A", "winner": "m", "outcome": -1, "finetune": "another.gguf",
+                          "base": "m"})  # another pair the Space also served: not this build's
+    out = linked_copy(smoke_run, tmp_path / "out")
+    rc = run.main(["--recipe", "smoke", "--output-dir", str(out), "--stages", "publish", "--visitor_votes",
+                   str(feedback.votes)])
+    log = "".join(capfd.readouterr())
+    assert rc == 0, log
+    card = (out / "hub" / "README.md").read_text()
+    expected = summary(tally(read_votes(feedback.votes, ours, base)))
+    assert "Visitors preferred the fine-tune in 67% of 6 votes" in expected  # (3 wins + 2 ties / 2) / 6
+    assert expected in card and f"`{ours}` against `{base}`" in card
+    assert "[publish] 6 visitor votes from" in log
+
+
+def test_a_votes_source_that_is_neither_a_file_nor_a_dataset_is_one_clear_line(smoke_run, tmp_path, capfd):
+    out = linked_copy(smoke_run, tmp_path / "out")
+    rc = run.main(["--recipe", "smoke", "--output-dir", str(out), "--stages", "publish", "--visitor_votes",
+                   str(tmp_path / "no-votes.csv")])
+    log = "".join(capfd.readouterr())
+    assert rc != 0
+    assert "visitor_votes" in log and "neither a votes.csv file nor a Hub dataset holding one" in log
+
+
+def test_the_base_gguf_is_published_under_base_when_asked_and_the_card_pairs_them(smoke_run, tmp_path, fake_hub,
+                                                                                  monkeypatch, planted_token, capfd):
+    monkeypatch.setenv("HF_TOKEN", planted_token)
+    out = linked_copy(smoke_run, tmp_path / "out")
+    rc, log = publish(out, capfd, "--hub_include_base")
+    assert rc == 0, log
+    base = f"{NAME}-base-Q4_K_M.gguf"
+    assert (out / "hub" / "base" / base).samefile(out / "base-gguf" / base)
+    upload = next(c[1] for c in fake_hub.calls if c[0] == "upload_folder")
+    assert f"base/{base}" in upload["files"]
+    card = (out / "hub" / "README.md").read_text()
+    assert f"MODEL_FILES={NAME}-Q4_K_M.gguf,{NAME}-Q5_K_M.gguf,base/{base}" in card
+    assert f"ARENA_MODELS=smoke-gguf/{NAME}-Q4_K_M.gguf,smoke-gguf/base/{base}" in card

@@ -50,6 +50,18 @@ def _versus_base(report: dict) -> str:
     )
 
 
+def _visitors(report: dict) -> str:
+    """The Space's visitors' verdict (blind side-by-side votes), beside the perplexity."""
+    v = report.get("visitors")
+    if not v:
+        return ""
+    from ggufchat.votes import summary
+
+    pairs = "; ".join(f"`{f}` against `{b}`" for f, b in v.get("pairs", []))
+    return (f"\n\nIn the chat Space's blind side-by-side mode ({pairs}), each pair of answers shown as A and B in a "
+            f"random order: {summary(v)}")
+
+
 def _cell(text: str) -> str:
     """Model text in one markdown table cell: HTML-escaped (it is the model's output, not markup), pipes escaped,
     line breaks kept."""
@@ -95,7 +107,8 @@ def _comparisons(report: dict) -> str:
     return _side_by_side(report) + _judged(report)
 
 
-def render(recipe: Recipe, report: dict, files: list[str], images: list[str], model_type: str) -> str:
+def render(recipe: Recipe, report: dict, files: list[str], images: list[str], model_type: str,
+           base_files: list[str] = ()) -> str:
     import yaml
 
     repo = recipe.hub_repo or f"<namespace>/{recipe.gguf_name}-GGUF"
@@ -118,7 +131,12 @@ def render(recipe: Recipe, report: dict, files: list[str], images: list[str], mo
     quant = "no (16-bit LoRA)"
     if recipe.load_in_4bit:
         quant = recipe.bnb_4bit_quant_type.upper() + (", double quant" if recipe.bnb_4bit_use_double_quant else "")
-    served = [default] + [f for f in files if f != default and f.endswith(".gguf")]
+    served = [default] + [f for f in files if f != default and f.endswith(".gguf")] + list(base_files)
+    label = repo.split("/")[-1]  # the Space labels a MODEL_REPO file "<repo name>/<file>"
+    arena = (f"\nARENA_MODELS={label}/{default},{label}/{base_files[0]}   # fine-tune against its base, blind"
+             if base_files else "")
+    base_note = (f" `{base_files[0]}` is the base model, converted and quantized the same way, for the Space's blind "
+                 "side-by-side mode." if base_files else "")
 
     return f"""---
 {head}
@@ -135,7 +153,7 @@ Measured on the build machine with llama-cpp-python {report.get("versions", {}).
 perplexity over the assistant tokens of {ev.get("conversations", "?")} held-out conversations (lower is better; every
 file scores the same token ids), greedy decode speed with {ev.get("threads", "?")} CPU thread(s).{f16_note}
 
-{_quant_table(report.get("quants", []), report.get("base") or [])}{_versus_base(report)}{_comparisons(report)}
+{_quant_table(report.get("quants", []), report.get("base") or [])}{_versus_base(report)}{_visitors(report)}{_comparisons(report)}
 
 ## Training
 
@@ -173,11 +191,11 @@ llama-server --hf-repo {repo} --hf-file {default} -c 4096
 
 ### The chat Space
 
-Point the Space at this repo with its environment variables (the first file is served by default):
+Point the Space at this repo with its environment variables (the first file is served by default):{base_note}
 
 ```bash
 MODEL_REPO={repo}
-MODEL_FILES={",".join(served)}
+MODEL_FILES={",".join(served)}{arena}
 ```
 
 ## Limitations

@@ -77,7 +77,7 @@ class OutputDir:
         return self.root / "gguf"
 
     @property
-    def base_gguf(self) -> Path:  # the base model's GGUFs, scored by evaluate for comparison; never published
+    def base_gguf(self) -> Path:  # the base model's GGUFs, scored by evaluate; published only with hub_include_base
         return self.root / "base-gguf"
 
     @property

@@ -9,8 +9,9 @@ Meant for a GPU box with a judge much stronger than the models judged; on CPU it
 
 from __future__ import annotations
 
-import random
 import re
+
+from ggufchat.votes import win_tie_loss  # one implementation: the Space's vote tally uses it too
 
 from .common import log
 
@@ -46,30 +47,6 @@ def outcome(base_first: Verdict, finetuned_first: Verdict) -> int:
     score = lambda v, ours: 0 if v == "tie" else (1 if v == ours else -1)  # noqa: E731
     total = score(base_first, "B") + score(finetuned_first, "A")
     return (total > 0) - (total < 0)
-
-
-def win_tie_loss(outcomes: list[int], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
-    """Counts of +1/0/-1 outcomes and the win rate (wins + ties/2) / n with a percentile bootstrap interval
-    (resampling prompts with replacement, `n_boot` times, seeded: the same input gives the same interval)."""
-    n = len(outcomes)
-    if n == 0:
-        return {"n": 0, "win": 0, "tie": 0, "loss": 0, "win_rate": None, "interval": None, "level": level}
-    if any(o not in (-1, 0, 1) for o in outcomes):
-        raise ValueError("outcomes must be -1, 0 or +1")
-    rate = lambda xs: (sum(1 for x in xs if x > 0) + 0.5 * sum(1 for x in xs if x == 0)) / len(xs)  # noqa: E731
-    rng = random.Random(seed)
-    boots = sorted(rate(rng.choices(outcomes, k=n)) for _ in range(n_boot))
-    lo_i = int((1 - level) / 2 * n_boot)
-    hi_i = min(n_boot - 1, int((1 + level) / 2 * n_boot))
-    return {
-        "n": n,
-        "win": sum(1 for o in outcomes if o > 0),
-        "tie": sum(1 for o in outcomes if o == 0),
-        "loss": sum(1 for o in outcomes if o < 0),
-        "win_rate": round(rate(outcomes), 4),
-        "interval": [round(boots[lo_i], 4), round(boots[hi_i], 4)],
-        "level": level,
-    }
 
 
 def judge(judge_model: str, prompts: list[str], base: list[str], finetuned: list[str], seed: int = 0) -> dict:

@@ -58,15 +58,19 @@ def preflight(recipe: Recipe) -> dict:
 
 
 def assemble(
-    recipe: Recipe, report: dict, gguf_files: list[Path], images: list[Path], hub_dir: Path, model_type: str
+    recipe: Recipe, report: dict, gguf_files: list[Path], images: list[Path], hub_dir: Path, model_type: str,
+    base_files: list[Path] = (),
 ) -> list[Path]:
-    """hub/ from scratch: hard links to the GGUF files, the images, the card."""
+    """hub/ from scratch: hard links to the GGUF files, the images, the base's GGUFs under base/, the card."""
     fresh_dir(hub_dir)
     files = []
-    for src in [*gguf_files, *images]:
-        link_or_copy(src, hub_dir / src.name)
-        files.append(hub_dir / src.name)
-    card = render(recipe, report, [f.name for f in gguf_files], [i.name for i in images], model_type)
+    for src, dest in [*((f, hub_dir / f.name) for f in [*gguf_files, *images]),
+                      *((f, hub_dir / "base" / f.name) for f in base_files)]:
+        dest.parent.mkdir(exist_ok=True)
+        link_or_copy(src, dest)
+        files.append(dest)
+    card = render(recipe, report, [f.name for f in gguf_files], [i.name for i in images], model_type,
+                  [f"base/{f.name}" for f in base_files])
     (hub_dir / "README.md").write_text(card, encoding="utf-8")
     return [hub_dir / "README.md", *files]
 
@@ -84,14 +88,37 @@ def upload(recipe: Recipe, hub_dir: Path) -> dict:
         folder_path=str(hub_dir),
         commit_message=f"Build with recipe {recipe.name}",
         # Files gone from hub/ (a quant type dropped from the recipe) are deleted: the repo mirrors hub/.
-        delete_patterns=["*.gguf", "*.png", "*.md"],
+        delete_patterns=["*.gguf", "*.png", "*.md", "base/*.gguf"],
     )
     url = getattr(commit, "commit_url", None) or f"https://huggingface.co/{recipe.hub_repo}"
     return {"repo": recipe.hub_repo, "url": _scrub(str(url), token), "uploaded": True}
 
 
+def visitor_tally(recipe: Recipe) -> dict:
+    """The side-by-side votes of the Space (ggufchat/votes.py's tally, the one the page shows): of the rows whose
+    fine-tune is this build's GGUF if there are any, else of every row."""
+    from ggufchat.votes import read_votes, tally
+
+    source = Path(recipe.visitor_votes).expanduser()
+    if not source.is_file():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            source = Path(hf_hub_download(recipe.visitor_votes, "votes.csv", repo_type="dataset"))
+        except Exception as e:  # noqa: BLE001 - not found, no network, no access: huggingface_hub's many errors
+            raise BuildError(f"visitor_votes {recipe.visitor_votes}: neither a votes.csv file nor a Hub dataset "
+                             f"holding one ({type(e).__name__})") from None
+    rows = read_votes(source)
+    ours = [r for r in rows if recipe.gguf_name in r.get("finetune", "")]
+    rows = ours or rows
+    pairs = sorted({(r.get("finetune", ""), r.get("base", "")) for r in rows})
+    log(f"[publish] {len(rows)} visitor votes from {source}")
+    return {**tally(rows), "pairs": [list(p) for p in pairs], "source": recipe.visitor_votes}
+
+
 def run(
-    recipe: Recipe, report: dict, gguf_dir: Path, adapter_dir: Path, hub_dir: Path, model_type: str
+    recipe: Recipe, report: dict, gguf_dir: Path, adapter_dir: Path, hub_dir: Path, model_type: str,
+    base_gguf_dir: Path | None = None,
 ) -> tuple[dict, list[Path]]:
     names = [f"{recipe.gguf_name}-{q}.gguf" for q in recipe.quant_types]
     if recipe.hub_include_f16:
@@ -99,11 +126,20 @@ def run(
     missing = [n for n in names if not (gguf_dir / n).is_file()]
     if missing:
         raise BuildError(f"{missing[0]} is missing from {gguf_dir}: run the export/quantize stages first")
+    base_files = []
+    if recipe.hub_include_base:
+        base = (base_gguf_dir or gguf_dir) / f"{recipe.gguf_name}-base-{recipe.quant_types[0]}.gguf"
+        if not base.is_file():
+            raise BuildError(f"hub_include_base: {base.name} is missing from {base.parent}: the evaluate stage makes "
+                             "it (with eval_base true)")
+        base_files.append(base)
     images = [p for p in [adapter_dir / "loss_curve.png"] if p.is_file()]
-    files = assemble(recipe, report, [gguf_dir / n for n in names], images, hub_dir, model_type)
+    if recipe.visitor_votes:
+        report = {**report, "visitors": visitor_tally(recipe)}
+    files = assemble(recipe, report, [gguf_dir / n for n in names], images, hub_dir, model_type, base_files)
     result = {
         "hub_dir": str(hub_dir),
-        "files": sorted(f.name for f in files),
+        "files": sorted(str(f.relative_to(hub_dir)) for f in files),
         "repo": recipe.hub_repo or None,
         "uploaded": False,
     }

@@ -231,6 +231,13 @@ class EvalArguments:
         "evaluate",
     )
     judge_prompts: int = _f(64, "Held-out first prompts for the judged comparison.", "evaluate")
+    visitor_votes: str = _f(
+        "",
+        "The Space's side-by-side votes (its votes.csv: a path, or the Hub dataset of its FEEDBACK_REPO): the card "
+        "says how often visitors preferred the fine-tune over its base, with a 95% interval. Votes change without "
+        "this field changing: re-run with --stages publish --force to count new ones.",
+        "publish",
+    )
 
 
 @dataclass
@@ -240,6 +247,12 @@ class HubArguments:
     )
     hub_private: bool = _f(False, "Create the repo private.", "publish")
     hub_include_f16: bool = _f(False, "Also publish the f16 GGUF (7.6 GB for Phi-3.5-mini).", "publish")
+    hub_include_base: bool = _f(
+        False,
+        "Also publish the base model's GGUF that evaluate made (first of quant_types) under base/: the Space's "
+        "side-by-side mode can then pair the fine-tune with its base from one repo (ARENA_MODELS).",
+        "publish",
+    )
     card_base_model: str = _f("", "`base_model` in the card; empty = model_name_or_path.", "publish")
     card_license: str = _f("mit", "`license` in the card (the base model's).", "publish")
     card_dataset: str = _f("", "`datasets` in the card; empty = dataset when it is a Hub id.", "publish")
