@@ -365,7 +365,7 @@ def arena_tab(arena: Arena) -> None:
         buttons = {choice: gr.Button(label) for choice, label in
                    (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"), ("both bad", "Both are bad"))}
         restart = gr.Button("New chat")
-    tally = gr.Markdown(tally_line(arena))
+    tally = gr.Markdown(lambda: tally_line(arena))  # a function: read again at every page load
     past, round_id = gr.State([]), gr.State("")
     choice = gr.Textbox(visible=False)  # the API's way to vote: /arena_vote(choice)
 

@@ -141,3 +141,6 @@ def test_in_the_browser_a_vote_reveals_the_names_and_updates_the_tally(arena_ser
     assert len(rows) == before + 1 and rows[-1]["vote"] == "B"
     page.get_by_text(f"of {len(rows)} votes").wait_for()  # the tally counts this vote
     shot(page, "21-side-by-side-voted")
+    later = open_page(browser, server.url)  # another visitor, later: the tally is read again, not the start-up one
+    later.get_by_role("tab", name="Side by side (blind)").click()
+    later.get_by_text(f"of {len(rows)} votes").wait_for()
