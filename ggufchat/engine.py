@@ -92,12 +92,13 @@ def kv_bytes_per_token(model, kv_type: str) -> int:
     return int(2 * llama_cpp.llama_model_n_layer(model) * n_embd_kv * KV_TYPES[kv_type][1])
 
 
-def kv_bytes_for(path: str | Path, settings: EngineSettings) -> int:
-    """The KV cache an engine with `settings` allocates for the GGUF file at `path`, from the file's header (before
-    loading it; a vocab-only load has no per-layer shape, so the GGUF keys are read, as kv_bytes_per_token counts)."""
+def kv_bytes_for(source: str | Path | dict, settings: EngineSettings) -> int:
+    """The KV cache an engine with `settings` allocates for a GGUF file, from its header (before loading it; a
+    vocab-only load has no per-layer shape, so the GGUF keys are read, as kv_bytes_per_token counts). `source`: the
+    file's path, or its keys when they were read already. KeyError for a file without them."""
     from .vocab import Vocab
 
-    meta = Vocab.load(path).metadata
+    meta = source if isinstance(source, dict) else Vocab.load(source).metadata
     arch = meta["general.architecture"]
     n_layer, n_embd = int(meta[f"{arch}.block_count"]), int(meta[f"{arch}.embedding_length"])
     n_head = int(meta[f"{arch}.attention.head_count"])

@@ -141,25 +141,38 @@ class ModelStore(Store):
         self.broken = {}
         self.checked: set[Path] = set()  # files already hashed: switching models back does not re-read GBs
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self.metas: dict[str, dict | None] = {}  # each file's GGUF keys, read once
         self.footprints: dict[str, int] = {}
         self.abouts: dict[str, dict] = {}
         self.line = WaitingLine(queue_size, self.settings.parallel, admits=self.fits_beside)
         self.lock = threading.Lock()
 
+    def metadata(self, label: str) -> dict | None:
+        """The GGUF keys of `label`'s file, read once (a vocab-only load) for the info line and the memory budget;
+        None when unreadable (loading it then fails with its own message)."""
+        if label not in self.metas:
+            from .cpu_backend import load_cpu_backend
+            from .vocab import Vocab
+
+            load_cpu_backend()  # llama.cpp reads no GGUF before a CPU backend is registered
+            try:
+                self.metas[label] = Vocab.load(self.paths[label]).metadata
+            except (ValueError, OSError, ConfigError):
+                self.metas[label] = None
+        return self.metas[label]
+
     def footprint(self, label: str) -> int:
         """Bytes a loaded model holds: its file (mapped, read in full by the first answers), the KV cache llama.cpp
         allocates at load for every chat's full window, and the host-RAM budget for its finished chats."""
         if label not in self.footprints:
-            from .cpu_backend import load_cpu_backend
             from .engine import kv_bytes_for
 
-            load_cpu_backend()  # llama.cpp reads no GGUF before a CPU backend is registered
-            path = Path(self.paths[label])
+            meta = self.metadata(label)
             try:
-                kv = kv_bytes_for(path, self.settings)
-            except (ValueError, OSError, ConfigError):
-                kv = 0  # an unreadable file fails at load, with its own message
-            self.footprints[label] = path.stat().st_size + kv + (self.settings.cache_mb << 20)
+                kv = kv_bytes_for(meta, self.settings) if meta else 0
+            except (KeyError, ValueError):  # a header without the shape keys: counted as its file alone
+                kv = 0
+            self.footprints[label] = Path(self.paths[label]).stat().st_size + kv + (self.settings.cache_mb << 20)
         return self.footprints[label]
 
     def fits_beside(self, label: str, busy: set) -> bool:
@@ -181,16 +194,15 @@ class ModelStore(Store):
         """For the info line: the served file's own name (GGUF general.name), where it comes from, its prompt format
         (read once from its metadata) and the context per chat."""
         if label not in self.abouts:
-            from .vocab import Vocab
-
             spec, path = self.specs[label], Path(self.paths[label])
-            fmt, name = spec.prompt_format, path.stem
+            fmt, name, meta = spec.prompt_format, path.stem, self.metadata(label)
             try:
-                meta = Vocab.load(path).metadata
+                if meta is None:
+                    raise ConfigError(f"{path.name} is unreadable")
                 name = meta.get("general.name", name)
                 if fmt == "auto":
                     fmt = detect_prompt_format(meta.get("tokenizer.chat_template"), spec.filename)
-            except (ValueError, OSError, ConfigError):
+            except ConfigError:
                 fmt = f"{fmt} (unreadable file)"
             source = f"`{spec.repo}` · `{spec.filename}`" if spec.repo else f"`{path.name}` (local file)"
             self.abouts[label] = {"name": name, "format": fmt, "source": source, "n_ctx": self.settings.n_ctx,
@@ -206,12 +218,10 @@ class ModelStore(Store):
                 self.loaded.move_to_end(label)
                 return self.loaded[label]
             busy = self.line.busy()
-            for other in list(self.loaded):  # least recently used first
-                in_memory = sum(map(self.footprint, self.loaded)) + self.footprint(label)
-                if in_memory <= self.models_bytes:
+            for idle in [other for other in self.loaded if other not in busy]:  # least recently used first
+                if sum(map(self.footprint, [*self.loaded, label])) <= self.models_bytes:
                     break
-                if other not in busy:
-                    self.unload(other)
+                self.unload(idle)
             try:
                 self.loaded[label] = self._load(self.specs[label], self.paths[label])
             except ConfigError as err:

@@ -107,21 +107,25 @@ class Check:
     def save(self) -> None:
         (self.out / "check.json").write_text(json.dumps(self.results, indent=2, default=str))
 
-    def run(self, args: list, log: str, until: float | None = None, append: bool = False) -> int:
-        """Run args (a list: no shell) with output into OUT/log, killed with its whole process group at `until`
-        (default: the end of the phase). Raises Cut when killed."""
-        until = min(until or self.phase_end, self.phase_end)
+    def spawn(self, args: list, log: str, append: bool = False) -> subprocess.Popen:
+        """Start args (a list: no shell) with its output into OUT/log, in a process group of its own: torch.compile's
+        worker processes die with it when it is killed."""
         with open(self.out / log, "a" if append else "w") as f:
             f.write(f"$ {' '.join(map(str, args))}\n")
             f.flush()
-            # A new session: torch.compile's worker processes die with the run when it is cut.
-            proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                return proc.wait(timeout=max(0.0, until - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                kill(proc)
-                raise Cut from None
+            return subprocess.Popen(list(map(str, args)), cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def run(self, args: list, log: str, until: float | None = None, append: bool = False) -> int:
+        """Run args to the end, its whole process group killed at `until` (default: the end of the phase). Raises
+        Cut when killed."""
+        until = min(until or self.phase_end, self.phase_end)
+        proc = self.spawn(args, log, append)
+        try:
+            return proc.wait(timeout=max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill(proc)
+            raise Cut from None
 
     def phase(self, name: str, fn) -> bool:
         """Run fn(check) -> detail dict as phase `name` within its share; record and save. True if it passed."""
@@ -368,15 +372,11 @@ def train(check: Check) -> dict:
     report = check.work / "e2e" / "report.json"
     report.unlink(missing_ok=True)
     first = check.work / "e2e" / "adapter" / "checkpoints" / f"checkpoint-{save}" / "trainer_state.json"
-    with open(check.out / "train.log", "w") as f:
-        f.write(f"$ {' '.join(map(str, args))}\n")
-        f.flush()
-        proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=check.env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        while not first.is_file() and proc.poll() is None and time.monotonic() < check.phase_end:
-            time.sleep(0.05)
-        killed = proc.poll() is None
-        kill(proc)
+    proc = check.spawn(args, "train.log")
+    while not first.is_file() and proc.poll() is None and time.monotonic() < check.phase_end:
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    kill(proc)
     if not first.is_file():
         if time.monotonic() >= check.phase_end:
             raise Cut
