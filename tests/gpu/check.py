@@ -240,10 +240,16 @@ def gate(check: Check, requirements: Path) -> dict:
     return row
 
 
-# torch's CUDA and the bitsandbytes library for it: bitsandbytes loads libbitsandbytes_cuda<major><minor>.so by
-# torch.version.cuda, and fetch_wheels.sh keeps only the CUDA 13 libraries to stay under the carry limit.
+# The packages the build calls must import. torch's CUDA and the bitsandbytes library for it: bitsandbytes loads
+# libbitsandbytes_cuda<major><minor>.so by torch.version.cuda, and fetch_wheels.sh keeps only the CUDA 13 libraries
+# to stay under the carry limit.
 CUDA_PROBE = """
-import importlib.util, json, os, torch
+import importlib, importlib.util, json, os, torch
+for name in ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "bitsandbytes"):
+    try:  # a dependency that the image lacks fails here, in seconds, not after a model has loaded
+        importlib.import_module(name)
+    except Exception as e:
+        raise SystemExit(f"import {name} failed: {type(e).__name__}: {e}")
 cuda = torch.cuda.is_available()
 row = {"version": torch.__version__, "cuda": torch.version.cuda if cuda else None,
        "device": torch.cuda.get_device_name(0) if cuda else "CPU"}

@@ -12,13 +12,17 @@ rm -rf "$dest" && mkdir -p "$dest"
 platforms=()
 for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinux_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
-# The build's pins for what the image lacks or has in another version; dill and multiprocess at the versions this
-# venv resolved for datasets (the image has neither).
+# The build's pins for what the image lacks or has in another version; the rest at the versions this venv resolved:
+# dill and multiprocess for datasets (the image has neither).
 pinned() { grep -i "^$1==" build/requirements.txt; }
 wanted=($(pinned transformers) $(pinned trl) $(pinned peft) $(pinned bitsandbytes) $(pinned datasets)
         $(grep -i '^huggingface_hub==' requirements.txt)
         "dill==$(python3 -c 'import importlib.metadata as m; print(m.version("dill"))')"
         "multiprocess==$(python3 -c 'import importlib.metadata as m; print(m.version("multiprocess"))')")
+# huggingface_hub 2 imports httpx2 at import time (which needs httpcore2 and truststore); the image has only httpx.
+for dist in httpx2 httpcore2 truststore; do
+    wanted+=("$dist==$(python3 -c "import importlib.metadata as m; print(m.version('$dist'))")")
+done
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
     "${platforms[@]}" -d "$dest" "${wanted[@]}"
 # bitsandbytes ships a library for every CUDA and ROCm release (43 MB packed); the whole carry is limited to 64 MiB.
