@@ -224,6 +224,89 @@ def test_a_runtime_failure_of_compiled_layers_in_the_first_steps_restarts_eager_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def killed_after_checkpoint_2(out):
+    """What a SIGKILL after checkpoint-2 leaves of a finished 5-step run: the later checkpoints and the stage record
+    gone (tests/test_build_resume.py kills a real process; here the run stays in-process for its compile backend)."""
+    import shutil
+
+    for later in (out / "adapter" / "checkpoints").glob("checkpoint-*"):
+        if int(later.name.split("-")[1]) > 2:
+            shutil.rmtree(later)
+    (out / ".stages" / "train.json").unlink()
+
+
+def test_a_run_resumed_after_its_compile_fallback_stays_eager(tiny_phi3_hf, tiny_data, monkeypatch, capsys):
+    """Seen on an H200: the compiled layers failed, the run went on eager, was killed, and the rerun compiled again
+    and crashed. The fallback is remembered beside the checkpoints; the resumed run is eager, as the run it continues
+    was, and ends where the uninterrupted run ended."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    backend, _ = failing_after_two_steps(tiny_phi3_hf, RuntimeError("forced kernel failure"))
+    monkeypatch.setattr(train, "COMPILE_BACKEND", backend)
+    out = tiny_data.parent.parent / "fallback-resumed"
+    assert train_tiny(tiny_phi3_hf, out, "--compile_decoder", "true") == 0
+    error = "RuntimeError (forced kernel failure) at step 3"
+    assert json.loads((out / "adapter" / "checkpoints" / train.COMPILE_FAILED).read_text()) == {"error": error}
+    uninterrupted = load_file(out / "adapter" / "adapter_model.safetensors")
+    killed_after_checkpoint_2(out)
+    capsys.readouterr()
+
+    compiled = []
+    monkeypatch.setattr(train, "COMPILE_BACKEND", lambda gm, example_inputs: compiled.append(1) or gm.forward)
+    assert train_tiny(tiny_phi3_hf, out, "--compile_decoder", "true") == 0
+    err = capsys.readouterr().err
+    assert f"this run fell back to eager before ({error}); it resumes eager" in err, err[-3000:]
+    assert "resuming from checkpoint-2" in err and "compiled layers failed" not in err
+    assert compiled == []  # never compiled
+    report = json.loads((out / "report.json").read_text())["train"]
+    assert report["resumed_from"] == "checkpoint-2" and report["compile_error"] == error
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all((resumed[k] - uninterrupted[k]).abs().max().item() < 1e-5 for k in resumed)
+    # A fresh run (--force) tries compiling again.
+    capsys.readouterr()
+    assert train_tiny(tiny_phi3_hf, out, "--compile_decoder", "true", "--force") == 0
+    assert compiled and "fell back to eager before" not in capsys.readouterr().err
+    assert not (out / "adapter" / "checkpoints" / train.COMPILE_FAILED).exists()
+    torch._dynamo.reset()
+
+
+def test_a_resumed_run_whose_compile_fails_goes_on_eager_from_its_checkpoint(
+    tiny_phi3_hf, tiny_data, monkeypatch, capsys
+):
+    """A run that compiled, killed, resumed where compiling fails (another machine, another torch): the resumed run
+    goes on eager from the checkpoint it resumed, not from step 0, and not with the failed attempt's checkpoints."""
+    import json
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", lambda gm, example_inputs: gm.forward)  # compiles, runs as eager
+    out = tiny_data.parent.parent / "resumed-compile-failure"
+    assert train_tiny(tiny_phi3_hf, out, "--compile_decoder", "true") == 0
+    uninterrupted = load_file(out / "adapter" / "adapter_model.safetensors")
+    killed_after_checkpoint_2(out)
+    capsys.readouterr()
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("forced compiler failure")
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", broken_backend)
+    assert train_tiny(tiny_phi3_hf, out, "--compile_decoder", "true") == 0
+    err = capsys.readouterr().err
+    assert "the compiled layers failed: BackendCompilerFailed" in err and "forced compiler failure" in err, err[-3000:]
+    assert "training again from checkpoint-2, eager" in err
+    report = json.loads((out / "report.json").read_text())["train"]
+    assert report["resumed_from"] == "checkpoint-2" and report["steps"] == 5
+    assert "forced compiler failure" in report["compile_error"]
+    history = json.loads((out / "adapter" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5]
+    resumed = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all((resumed[k] - uninterrupted[k]).abs().max().item() < 1e-5 for k in resumed)
+
+
 def test_a_cuda_error_of_compiled_layers_is_one_sentence_and_no_retry(tiny_phi3_hf, tiny_data, monkeypatch, capsys):
     """After a CUDA error (here its message, raised on the CPU) the process's CUDA context is dead: an eager retry in
     it would fail at once, so the build stops and says how to rerun."""

@@ -6,6 +6,7 @@ own chat template, loss_curve.png, log_history.json; checkpoints/ (with TensorBo
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -22,8 +23,11 @@ CHECKPOINT_FILES = ("trainer_state.json",)  # written last by Trainer._save_chec
 COMPILE_BACKEND = "inductor"  # torch.compile backend of compile_decoder (the tests swap in one that fails)
 # Compiled layers can fail after a first step that worked: dynamo recompiles with dynamic shapes when the second
 # sequence length arrives (packed rows change length at every step), and those kernels first run then. Any error in
-# these first steps of a fresh run falls back to eager from step 0; later, the compiled kernels have all run.
+# these first steps of a run (fresh or resumed) falls back to eager; later, the compiled kernels have all run.
 COMPILE_TRIAL_STEPS = 10
+# Beside the checkpoints: the compile error a run fell back on, so that the run that resumes it stays eager (as the
+# run it continues was) instead of failing to compile again.
+COMPILE_FAILED = "compile_failed.json"
 # Fragments of the errors after which a process's CUDA context is unusable (every later CUDA call fails too), so an
 # eager retry in the same process cannot work.
 CUDA_POISON = ("CUDA error", "illegal memory access", "device-side assert", "misaligned address")
@@ -270,21 +274,25 @@ def describe(error: BaseException) -> str:
 
 
 def train_with_compile_fallback(trainer, recipe: Recipe, resume: Path | None, throughput=None) -> str | None:
-    """trainer.train(); if compile_decoder's layers fail in the first COMPILE_TRIAL_STEPS steps of a fresh run (at
-    compile time or when their kernels first run), say so and train eager from step 0, from the same starting point,
-    rather than lose the run. Returns "ExcType (message) at step N", or None. Later failures are raised; an error that
-    leaves CUDA unusable becomes a BuildError, as no retry can work in this process."""
+    """trainer.train(); if compile_decoder's layers fail in the first COMPILE_TRIAL_STEPS steps of the run (at
+    compile time or when their kernels first run), say so and train eager from where it started (step 0, or the
+    checkpoint it resumed) rather than lose the run, and leave COMPILE_FAILED beside the checkpoints for a later
+    resume. Returns "ExcType (message) at step N", or None. Later failures are raised; an error that leaves CUDA
+    unusable becomes a BuildError, as no retry can work in this process."""
     import torch
 
-    may_retry = recipe.compile_decoder and resume is None
-    start = [(p, p.detach().clone()) for p in trainer.model.parameters() if p.requires_grad] if may_retry else []
-    rng = rng_state() if may_retry else None
+    may_retry = bool(recipe.compile_decoder)
+    first_step = int(resume.name.removeprefix("checkpoint-")) if resume else 0
+    # A resumed run gets its weights, optimizer and random state back from its checkpoint; a fresh one from here.
+    fresh = may_retry and resume is None
+    start = [(p, p.detach().clone()) for p in trainer.model.parameters() if p.requires_grad] if fresh else []
+    rng = rng_state() if fresh else None
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         return None
     except Exception as e:  # never KeyboardInterrupt: that is a BaseException, and a Ctrl-C must stop the run
         step = trainer.state.global_step + 1  # the step being computed, numbered as log_history numbers them
-        if not may_retry or trainer.state.global_step >= COMPILE_TRIAL_STEPS:
+        if not may_retry or trainer.state.global_step - first_step >= COMPILE_TRIAL_STEPS:
             raise
         if poisons_cuda(e):
             raise BuildError(
@@ -293,25 +301,31 @@ def train_with_compile_fallback(trainer, recipe: Recipe, resume: Path | None, th
                 "--compile_decoder false"
             ) from e
         error = f"{describe(e)} at step {step}"
-    log(f"[train] compile_decoder: the compiled layers failed: {error}; training again from step 0, eager")
+    where = f"{resume.name}" if resume else "step 0"
+    log(f"[train] compile_decoder: the compiled layers failed: {error}; training again from {where}, eager")
     # Back to the state of the first call, so that the eager run is the one the recipe would have made without
     # compile: the LoRA weights before any step, a new optimizer and schedule (Trainer creates them only when None),
     # the same random draws (dropout, data order), no checkpoint of the failed attempt, no speed marks from it.
     with torch.no_grad():
         for param, before in start:
             param.copy_(before)
+        for param in trainer.model.parameters():
             param.grad = None
     trainer.optimizer = None
     trainer.lr_scheduler = None
+    checkpoints = Path(trainer.args.output_dir)
     if trainer.is_world_process_zero():
-        for old in Path(trainer.args.output_dir).glob("checkpoint-*"):
-            shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints.glob("checkpoint-*"):
+            if not old.name.removeprefix("checkpoint-").isdigit() or int(old.name.split("-")[1]) > first_step:
+                shutil.rmtree(old, ignore_errors=True)
+        write_json(checkpoints / COMPILE_FAILED, {"error": error})
     if throughput is not None:
         throughput.reset()
     uncompile(trainer.model)
     release_memory()  # the failed attempt's optimizer state and cached blocks: eager needs more memory than compiled
-    set_rng_state(rng)
-    trainer.train()
+    if rng is not None:
+        set_rng_state(rng)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return error
 
 
@@ -459,6 +473,8 @@ def run(
     resume = None
     if procs.is_main:
         resume = prepare_checkpoints(checkpoints, fp, force)
+        if resume is None:  # a fresh run tries compile_decoder again
+            (checkpoints / COMPILE_FAILED).unlink(missing_ok=True)
         for entry in adapter_dir.iterdir():  # a rerun starts from an empty adapter/ (checkpoints aside)
             if entry != checkpoints:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -466,12 +482,18 @@ def run(
     resume_name = from_main(procs, resume.name if resume else None)
     resume = checkpoints / resume_name if resume_name else None
 
+    # A run that fell back to eager stays eager when it is resumed: the same recipe would fail to compile again.
+    earlier = from_main(procs, (read_json(checkpoints / COMPILE_FAILED) or {}).get("error") if resume else None)
+    if earlier and recipe.compile_decoder:
+        if procs.is_main:
+            log(f"[train] compile_decoder: this run fell back to eager before ({earlier}); it resumes eager")
+        recipe = dataclasses.replace(recipe, compile_decoder=False)
     trainer = build_trainer(recipe, base, data_dir, checkpoints, procs)
     throughput = throughput_callback()
     trainer.add_callback(throughput)
     if resume and procs.is_main:
         log(f"[train] resuming from {resume.name}")
-    compile_error = train_with_compile_fallback(trainer, recipe, resume, throughput)
+    compile_error = train_with_compile_fallback(trainer, recipe, resume, throughput) or earlier
     state = trainer.state
     if state.best_model_checkpoint is None and not any(
         h.get("step") == state.global_step and "eval_loss" in h for h in state.log_history
