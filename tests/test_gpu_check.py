@@ -4,6 +4,7 @@ before a lent GPU spends its 15 minutes on it. A tiny Phi-3 stands in for Phi-3.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,11 +15,11 @@ from conftest import REPO
 CHECK = REPO / "tests" / "gpu" / "check.py"
 
 
-def check(tmp_path, *args, timeout=900) -> tuple[subprocess.CompletedProcess, dict]:
+def check(tmp_path, *args, timeout=900, env=None) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(CHECK), "--rehearsal", "--out", str(out), "--work",
                            str(tmp_path / "work"), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
     results = out / "check.json"
     return done, json.loads(results.read_text()) if results.is_file() else {}
 
@@ -88,8 +89,43 @@ def test_a_phase_past_its_share_is_cut_and_the_table_still_prints(tmp_path):
 
 
 def test_a_budget_spent_skips_the_phases_left_and_says_so(tmp_path):
-    done, results = check(tmp_path, "--phases", "gate,base", "--budget", "20")
+    # 10 s of budget, 5 kept back for the table: less than the base phase's floor, whatever this machine's speed.
+    done, results = check(tmp_path, "--phases", "base", "--budget", "10")
     phases = results["phases"]
-    assert phases["gate"]["status"] == "ok"
     assert phases["base"]["status"] == "skipped" and "no time left" in phases["base"]["detail"]
     assert done.returncode == 1 and "| base  | skipped" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_gate_past_its_share_stops_the_check_with_its_table(tmp_path):
+    """On a cold H200 machine the gate's imports ran past its 30 s and the check died in a traceback. A package that
+    imports slowly (here a `trl` that sleeps, first on the path) now cuts the gate: table, exit 1, nothing after."""
+    slow = tmp_path / "slow" / "trl"
+    slow.mkdir(parents=True)
+    (slow / "__init__.py").write_text("import time\ntime.sleep(120)\n")
+    done, results = check(tmp_path, "--phases", "gate,base", "--cap", "gate=8",
+                          env={"PYTHONPATH": str(slow.parent)})
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert results["phases"]["gate"]["status"] == "cut" and "base" not in results["phases"]
+    assert "| gate  | cut " in done.stdout
+
+
+def test_a_failed_command_is_summed_up_by_its_error_not_its_last_progress_bar(tmp_path):
+    """The H200 run's train phase said "the run after the kill failed:   0%| | 0/20": tqdm draws after the
+    traceback. The summary line is the exception (or the build's `error: ...`)."""
+    sys.path.insert(0, str(CHECK.parent))
+    try:
+        import check as gpu_check
+    finally:
+        sys.path.remove(str(CHECK.parent))
+    log = tmp_path / "train.log"
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "torch._dynamo.exc.BackendCompilerFailed: backend='inductor' raised:\n"
+                   "AssertionError: Node add_370 was invalid, but is output\n\nSet TORCHDYNAMO_VERBOSE=1 for more\n\n"
+                   "  0%|          | 0/20 [00:12<?, ?it/s]\n")
+    assert gpu_check.last_line(log) == "AssertionError: Node add_370 was invalid, but is output"
+    log.write_text("[train] running\nerror: stage 'train' failed\r 10%|#  | 2/20\n")
+    assert gpu_check.last_line(log) == "error: stage 'train' failed"
+    log.write_text("[cpu] merge done\n")
+    assert gpu_check.last_line(log) == "[cpu] merge done"

@@ -72,7 +72,8 @@ class Plan:
             # 30 steps, a log mark every 5: the second half (15 steps, 3 syncs) is timed.
             self.bench_steps, self.log_every, self.save_steps = 30, 5, 10
             self.recipe_sets = []
-            self.caps = {"install": 60, "gate": 30, "base": 150, "bench": 240, "train": 180, "cpu": 180}
+            # The gate's imports took 21-25 s on a warm H200 machine and over 30 s on a cold one (2026-12-04).
+            self.caps = {"install": 60, "gate": 60, "base": 150, "bench": 240, "train": 180, "cpu": 180}
             # Below these a phase is not started: it could not even load its model (a 4-bit Phi-3.5 load is ~30 s).
             self.floors = {"install": 10, "gate": 5, "base": 60, "bench": 90, "train": 90, "cpu": 60}
             self.budget = 480
@@ -169,8 +170,12 @@ def kill(proc: subprocess.Popen) -> None:
 
 
 def last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "(empty log)"
+    """What a failed command said last: its last error line (the build's `error: ...`, or a traceback's exception),
+    not a progress bar drawn after it."""
+    lines = [line.split("\r")[-1].strip() for line in path.read_text(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if re.match(r"(error: |[\w.]*(Error|Exception|Failed)\b)", line)]
+    return (errors or lines or ["(empty log)"])[-1][:300]
 
 
 # ---------------------------------------------------------------------------------------------------- 1. install
@@ -228,8 +233,11 @@ def gate(check: Check, requirements: Path) -> dict:
         raise GateFailed(f"{', '.join(wrong)}: carry the build's pins (bash tests/gpu/fetch_wheels.sh) or fix "
                          f"{requirements.relative_to(ROOT) if requirements.is_relative_to(ROOT) else requirements}")
     row = {"machine_own": own, "absent": absent, "unmet_dependencies": unmet_dependencies(pins(requirements))}
-    done = subprocess.run([sys.executable, "-c", CUDA_PROBE], env=check.env, capture_output=True, text=True,
-                          timeout=max(1, check.phase_end - time.monotonic()))
+    try:
+        done = subprocess.run([sys.executable, "-c", CUDA_PROBE], env=check.env, capture_output=True, text=True,
+                              timeout=max(1, check.phase_end - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise Cut from None
     if done.returncode != 0:
         raise GateFailed(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "torch did not import")
     row["torch"] = json.loads(done.stdout)
@@ -471,12 +479,15 @@ def main(argv=None) -> int:
             return 1
     if "gate" in phases:
         try:
-            check.phase("gate", lambda c: gate(c, args.requirements))
+            passed = check.phase("gate", lambda c: gate(c, args.requirements))
         except GateFailed as e:
             check.results["phases"]["gate"] = {"status": "failed", "detail": str(e)}
             check.save()
             print(f"check: version gate: {e}", flush=True)
             return 3
+        if not passed:  # cut: nothing is known of the packages, so nothing after it can be trusted
+            print("\n" + table(check), flush=True)
+            return 1
     steps = [("base", base), ("bench", bench), ("train", train), ("cpu", lambda c: cpu_stages(c, llama_cpp_dir))]
     for name, fn in steps:
         if name not in phases:
