@@ -233,9 +233,8 @@ def build_trainer(recipe: Recipe, base: str, data_dir: Path, checkpoints_dir: Pa
         # Layer by layer and in place: parameter names (checkpoints, the adapter) stay the eager model's, identical
         # layers reuse one compiled graph, and TRL's chunked loss head and the PEFT wrapper stay eager. Gradient
         # checkpointing wraps each compiled layer (transformers' GradientCheckpointingLayer.__call__), so backward
-        # recomputes through the compiled graph. On an H200 (2026-11-28, Phi-3.5-mini shape, random weights, seq
-        # 2048 x micro-batch 4) QLoRA went from 12.5k to 20.1k tokens/s and 60.5 to 52.5 GB, but measured in eval
-        # mode (no checkpointing recompute, no dropout, no mask): to be re-measured in train mode (tests/gpu/).
+        # recomputes through the compiled graph. In train mode on an H200 (2026-12-04, torch 2.11) that failed to
+        # compile (inductor's partitioner): train_with_compile_fallback goes on eager, and the recipe leaves it off.
         for layer in decoder_layers(trainer.model):
             layer.compile(backend=COMPILE_BACKEND)
     return trainer
