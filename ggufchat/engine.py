@@ -74,12 +74,14 @@ class EngineSettings:
     n_threads: int = 1  # decode threads (app.py: every core; docs/performance.md "Threads")
     n_threads_batch: int = 1  # prompt threads
     n_batch: int = 512
-    kv_type: str = "f16"  # a KV_TYPES key; q8_0 halves the KV cache at some cost in speed
+    # A KV_TYPES key. q8_0 halves the KV cache (Phi-3.5-mini: 3.4 GB for four 4096-token chats, f16 6.4 GB) so that
+    # two Phi-3-class models fit the Space's 16 GB side by side; measured against f16 (tests/benchmarks/
+    # bench_kv_type.py, 2 cores): perplexity +0.07% (SmolLM2), Phi-3.5-shape tokens/s 0.89-1.01x.
+    kv_type: str = "q8_0"
     prefill_chunk: int = 64  # prompt tokens per step while other chats are answering
-    # Host RAM for finished chats' cells (MiB; 0: off). The Space's 16 GB hold Phi-3.5-mini Q4_K_M (2.4 GB), four
-    # chats' KV cache (6 GB at 4096 tokens each) and the process (~1.5 GB): 4 GiB of finished chats (~10,000 tokens
-    # of Phi-3.5-mini) still leave 2 GB spare.
-    cache_mb: int = 4096
+    # Host RAM for finished chats' cells (MiB, per model; 0: off): ~7,700 tokens of Phi-3.5-mini in q8_0. Two
+    # Phi-3-class Q4 models then take 2 x (2.4 GB file + 3.4 GB KV + 1.6 GB) = 14.8 GB of MODELS_RAM_MB's 15 GB.
+    cache_mb: int = 1536
     context_shift: bool = True  # a long chat's dropped turns are cut out of its cells instead of re-reading the rest
 
 

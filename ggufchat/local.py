@@ -38,9 +38,8 @@ class LoadedModel:
 
 
 # Memory for the models kept loaded (MiB): the Space's 16 GB less the process itself (~1.5 GiB: 9.9 GiB resident with
-# a 2.2 GiB file and a 6 GiB KV cache, docs/performance.md "Memory"). With the defaults a Phi-3-class Q4 model holds
-# 2.4 GB of file, 6 GB of KV cache and up to 4 GiB of finished chats: one at a time; PARALLEL=2 and CACHE_RAM_MB=1536
-# make it ~7 GB, and two fit side by side.
+# a 2.2 GiB file and a 6 GiB f16 KV cache, docs/performance.md "Memory"). With the defaults a Phi-3-class Q4 model
+# holds 2.4 GB of file, 3.4 GB of q8_0 KV cache and up to 1.6 GB of finished chats: two fit side by side.
 MODELS_MB = 14336
 
 # Progress is shown only for a prompt that takes longer than this to read (at this process's measured prompt speed):

@@ -7,6 +7,7 @@ milliseconds) through the app's own formatter and tokenizer, as the server count
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,7 @@ import app
 from ggufchat.engine import EngineSettings, kv_bytes_for, kv_bytes_per_token
 from ggufchat.vocab import Vocab
 from ggufchat.prompt import PROMPT_FORMATS, PromptTokenizer, fit_history, make_messages_formatter
-from ggufchat.local import ModelStore
+from ggufchat.local import MODELS_MB, ModelStore
 from ggufchat.files import ModelSpec
 from ggufchat.errors import BadRequest
 
@@ -215,8 +216,8 @@ def test_settings_defaults_are_readmes(monkeypatch):
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     cpus = len(os.sched_getaffinity(0))
-    engine = EngineSettings(n_ctx=4096, parallel=4, n_threads=cpus, n_threads_batch=cpus, n_batch=512, kv_type="f16",
-                            prefill_chunk=64, cache_mb=4096, context_shift=True)
+    engine = EngineSettings(n_ctx=4096, parallel=4, n_threads=cpus, n_threads_batch=cpus, n_batch=512,
+                            kv_type="q8_0", prefill_chunk=64, cache_mb=1536, context_shift=True)
     # PARALLEL unset: 4 chats in process (remotely: the server's slots)
     assert app.Settings.from_env() == app.Settings(engine=engine, queue_size=16, seed=-1, verify_sha256=True,
                                                    hf_token=None, parallel=None, backend_url=None,
@@ -225,13 +226,13 @@ def test_settings_defaults_are_readmes(monkeypatch):
 
 def test_settings_are_read_from_the_environment(monkeypatch):
     values = {"N_CTX": "1024", "N_THREADS": "3", "N_THREADS_BATCH": "5", "N_BATCH": "64", "QUEUE_SIZE": "2",
-              "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "q8_0",
+              "SEED": "7", "VERIFY_SHA256": "0", "HF_TOKEN": "hf_example", "PARALLEL": "2", "KV_CACHE_TYPE": "f16",
               "PREFILL_CHUNK": "32", "BACKEND_URL": "http://10.0.0.5:8080", "BACKEND_API_KEY": "sk-example",
               "BACKEND_WAIT": "5", "CACHE_RAM_MB": "512", "CONTEXT_SHIFT": "0", "SAVED_CHATS_SECRET": "s3cret",
               "MODELS_RAM_MB": "3000", "ARENA_MODELS": "fine-tune.gguf, base.gguf"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    engine = EngineSettings(n_ctx=1024, parallel=2, n_threads=3, n_threads_batch=5, n_batch=64, kv_type="q8_0",
+    engine = EngineSettings(n_ctx=1024, parallel=2, n_threads=3, n_threads_batch=5, n_batch=64, kv_type="f16",
                             prefill_chunk=32, cache_mb=512, context_shift=False)
     assert app.Settings.from_env() == app.Settings(engine=engine, queue_size=2, seed=7, verify_sha256=False,
                                                    hf_token="hf_example", parallel=2,
@@ -255,6 +256,18 @@ def test_the_model_is_loaded_with_the_settings(smollm2_gguf):
         assert kv_bytes_for(smollm2_gguf, settings) == engine.kv_bytes  # read from the file before loading it
     finally:
         store.unload()
+
+
+def test_the_default_settings_fit_two_phi3_class_models_in_the_models_budget():
+    """Issue 23's default: the fine-tune and its base (Phi-3-mini's shape, Q4 files of 2.39 GB like the public
+    Phi-3-mini-4k-instruct-q4.gguf) both loaded, each with its full KV cache and host-RAM cache, within MODELS_MB."""
+    phi3 = {"general.architecture": "phi3", "phi3.block_count": 32, "phi3.embedding_length": 3072,
+            "phi3.attention.head_count": 32, "phi3.attention.head_count_kv": 32}
+    settings = EngineSettings()
+    one = 2_393_231_072 + kv_bytes_for(phi3, settings) + (settings.cache_mb << 20)
+    assert 2 * one <= MODELS_MB << 20
+    f16 = replace(settings, kv_type="f16")  # what the q8_0 default is for: in f16 the pair does not fit
+    assert 2 * (2_393_231_072 + kv_bytes_for(phi3, f16) + (f16.cache_mb << 20)) > MODELS_MB << 20
 
 
 def test_the_saved_chats_key_is_stable_and_set_by_the_operator_or_the_space(monkeypatch):
