@@ -37,9 +37,11 @@ class LoadedModel:
         return _provider_class()(self, pace, fitted)
 
 
-# Memory for the models kept loaded (MiB): the Space's 16 GB less the process itself (~1.5 GiB: 9.9 GiB resident with
-# a 2.2 GiB file and a 6 GiB f16 KV cache, docs/performance.md "Memory"). With the defaults a Phi-3-class Q4 model
-# holds 2.4 GB of file, 3.4 GB of q8_0 KV cache and up to 1.6 GB of finished chats: two fit side by side.
+# Memory for the models kept loaded (MiB): the Space's 16 GB less ~1.5 GiB for the process (0.5 GiB before a model
+# loads) and page cache. A model counts its file, KV cache and CACHE_RAM_MB: with the defaults a Phi-3-class Q4 model
+# is 2.2 + 3.2 (q8_0) + 1.5 GiB, and two fit side by side. Where llama.cpp repacks Q4_K weights for the CPU
+# (CPU_REPACK, 1.45 GiB of Phi-3.5-mini) the copy takes the place of those tensors' file pages, which the kernel can
+# take back: 6.9 GiB resident per model, as counted (docs/performance.md "Side by side").
 MODELS_MB = 14336
 
 # Progress is shown only for a prompt that takes longer than this to read (at this process's measured prompt speed):
