@@ -148,10 +148,13 @@ class PromptTokenizer:
 
         Re-tokenizing an answer does not always give back the model's own ids (it may have spelt a word in several
         pieces); the next turn's prompt would then leave llama.cpp's cache at that answer and everything after it
-        would be evaluated again. Kept only when the ids spell `text` exactly and are all plain text.
+        would be evaluated again. Kept only when the ids spell `text` exactly and are all plain text. "Exactly" as the
+        visitor saw it: bytes that are no UTF-8 (a model may emit a lone byte piece) were shown as U+FFFD, and that
+        text comes back with the next turn; re-tokenized, it would be neither the model's ids nor its bytes.
         """
         ids = tuple(int(t) for t in ids)
-        if not text or any(t in self.attrs for t in ids) or self.vocab.detokenize(ids) != text.encode("utf-8"):
+        shown = self.vocab.detokenize(ids).decode("utf-8", errors="replace")
+        if not text or any(t in self.attrs for t in ids) or shown != text:
             return
         with self.lock:
             self.answers[text] = ids

@@ -224,6 +224,21 @@ def test_the_next_turn_reuses_the_cache_past_the_models_own_answer(phi3):
     assert model.tokenize.vocab.tokenize(answer) != list(model.tokenize.answers[answer])
 
 
+def test_an_answer_with_bytes_that_are_no_utf8_is_remembered_as_the_visitor_saw_it(phi3):
+    """A lone byte piece (here Phi-3's <0xC3>, half of a two-byte letter) streams as U+FFFD, and that text comes back
+    with the next turn: the model's own ids must still be found for it, as for any answer."""
+    store, _ = phi3
+    tok = store.get("model").tokenize
+    ids = tok.vocab.tokenize("Hello there") + [next(t for t in range(tok.vocab.n_tokens)
+                                                   if tok.vocab.piece(t) == b"\xc3")] + tok.vocab.tokenize(" friend")
+    shown = tok.vocab.detokenize(ids).decode("utf-8", errors="replace")
+    assert "\ufffd" in shown
+    tok.remember_answer(shown, ids)
+    assert tok.answers[shown] == tuple(ids)
+    tok.remember_answer(shown.replace("\ufffd", "?"), ids)  # a text these ids did not make is not taken for theirs
+    assert shown.replace("\ufffd", "?") not in tok.answers
+
+
 def test_an_answer_ended_by_the_model_is_reused_whole(smollm2):
     store, settings = smollm2
     _, generated, evaluated, new = next_turn_evaluates(store, settings, 300, 0.2, "Say hello in one short sentence.")
