@@ -61,6 +61,7 @@ def _provider_class():
     class EngineProvider(LlmProvider):
         def __init__(self, model: LoadedModel, pace: float = 0.0, fitted: tuple[str, list[int]] | None = None):
             self.model, self.pace, self.fitted, self.request = model, pace, fitted, None
+            self.shown = 0  # prompt tokens reported read so far: progress never goes back
 
         def is_using_json_schema_constraints(self):
             return False
@@ -97,7 +98,8 @@ def _provider_class():
 
         def reading(self) -> Reading | None:
             """How far the prompt is read, if it is still being read and reading it all takes long enough to say so.
-            Between two steps of a long batch, `done` is extrapolated at the measured prompt speed."""
+            Between two steps of a long batch, `done` is extrapolated at the measured prompt speed; a step slower than
+            that speed (or a new measurement of it) would put it behind what was shown, so it holds there instead."""
             request, speed = self.request, self.model.engine.prompt_tps
             if request is None or not request.stats.to_evaluate or request.stats.first_token_at is not None:
                 return None
@@ -107,7 +109,7 @@ def _provider_class():
             if total / speed < READING_NOTICE_S:
                 return None
             done = stats.evaluated + speed * (time.perf_counter() - (stats.read_at or time.perf_counter()))
-            done = int(min(max(done, stats.evaluated), total - 1))
+            self.shown = done = int(min(max(done, stats.evaluated, self.shown), total - 1))
             return Reading(done, total, (total - done) / speed)
 
         def finish(self) -> Done | None:
