@@ -602,8 +602,8 @@ def arena_for(settings: Settings, store: Store, feedback: Feedback) -> Arena | N
     print(f"side by side: {arena.finetune} against {arena.base} · {tally_line(arena)}", flush=True)
     if isinstance(store, ModelStore) and not store.fits_beside(arena.finetune, {arena.base}):
         print("warning: the side-by-side models do not fit in MODELS_RAM_MB together, so their answers come one after "
-              "the other; the defaults (KV_CACHE_TYPE=q8_0, PARALLEL=4, CACHE_RAM_MB=1536) fit two Phi-3-class Q4 "
-              "models in 16 GB (README)", file=sys.stderr, flush=True)
+              "the other; the default engine settings fit two Phi-3-class Q4 models in 16 GB (README)",
+              file=sys.stderr, flush=True)
     return arena
 
 

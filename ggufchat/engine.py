@@ -76,7 +76,7 @@ class EngineSettings:
     n_batch: int = 512
     # A KV_TYPES key. q8_0 halves the KV cache (Phi-3.5-mini: 3.4 GB for four 4096-token chats, f16 6.4 GB) so that
     # two Phi-3-class models fit the Space's 16 GB side by side; measured against f16 (tests/benchmarks/
-    # bench_kv_type.py, 2 cores): perplexity within 0.07% (SmolLM2), prompt reading 0.89x, decode no slower.
+    # bench_kv_type.py, 2 cores): perplexity within 0.1% (SmolLM2), prompt reading 0.8-0.9x, decode no slower.
     kv_type: str = "q8_0"
     prefill_chunk: int = 64  # prompt tokens per step while other chats are answering
     # Host RAM for finished chats' cells (MiB, per model; 0: off): ~7,700 tokens of Phi-3.5-mini in q8_0. Two

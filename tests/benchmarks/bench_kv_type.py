@@ -38,19 +38,12 @@ TYPES = ("f16", "q8_0")
 
 
 def threads_text(n_threads: int) -> list[str]:
-    """Each oasst1 tree's first thread (the first reply at each turn) as plain 'role: text' lines."""
-    rows = [json.loads(line) for line in SAMPLE.open()]
-    children: dict = {}
-    for r in rows:
-        children.setdefault(r["parent_id"], []).append(r)
-    texts = []
-    for root in children.get(None, []):
-        turns, node = [], root
-        while node is not None:
-            turns.append(f"{node['role']}: {node['text']}")
-            node = (children.get(node["message_id"]) or [None])[0]
-        texts.append("\n\n".join(turns))
-    return texts[:n_threads]
+    """oasst1 threads as the build takes them (oasstbuild.data.extract_threads: each tree's best-ranked path), as
+    plain 'role: text' turns."""
+    from oasstbuild.data import extract_threads
+
+    threads, _ = extract_threads(json.loads(line) for line in SAMPLE.open())
+    return ["\n\n".join(f"{m['role']}: {m['content']}" for m in t["messages"]) for t in threads[:n_threads]]
 
 
 # --- speed: the app's engine ----------------------------------------------------------------------------------------
@@ -122,13 +115,15 @@ def measure_speed(model: Path, threads: int, rounds: int, n_gen: int, long_promp
 def measure_quality(model: Path, threads: int, n_texts: int, n_answers: int) -> dict:
     from llama_cpp import Llama
 
+    from ggufchat.engine import KV_TYPES
     from oasstbuild.evaluation import cpu_backend, nll_sum
 
     cpu_backend()
     out = {}
     answers = {}
     texts = threads_text(n_texts + n_answers)
-    for t, ggml_type in (("f16", 1), ("q8_0", 8)):
+    for t in TYPES:
+        ggml_type = KV_TYPES[t][0]
         llm = Llama(model_path=str(model), n_ctx=2048, n_batch=512, logits_all=True, flash_attn=True, type_k=ggml_type,
                     type_v=ggml_type, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
         total, count = 0.0, 0
